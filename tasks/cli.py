@@ -1,0 +1,241 @@
+"""The `ampsync` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+
+from . import settings as settings_module
+from .settings import SettingsError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ampsync", description="Deliver rows of a SQL queue table to Amplitude."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init-db", help="create what is missing of the queue table (never drops)")
+    p.add_argument("--print-sql", action="store_true",
+                   help="print the DDL for the configured database instead of running it")  # fmt: skip
+    p.set_defaults(func=cmd_init_db)
+
+    p = sub.add_parser("run", help="worker and beat in one process, for a single machine")
+    p.add_argument("--concurrency", type=int, default=None, help="send processes (default: cores)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sync", help="enqueue a sync now")
+    p.add_argument("--kind", choices=["identify", "event", "group_identify"])
+    p.add_argument("--wait", action="store_true",
+                   help="follow the rows until each is sent or failed")  # fmt: skip
+    p.add_argument("--timeout", type=float, default=3600, help="seconds --wait waits at most")
+    p.set_defaults(func=cmd_sync)
+
+    p = sub.add_parser("status", help="rows by kind and status, paused endpoints, recent errors")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("retry-failed", help="put failed rows back to pending")
+    p.add_argument("--kind", choices=["identify", "event", "group_identify"])
+    p.add_argument("--ids", type=int, nargs="+", help="only these row ids")
+    p.add_argument("--class", dest="failure_class", default="gave-up",
+                   choices=["gave-up", "rejected", "invalid", "all"],
+                   help="which failures (default: gave-up, rows that ran out of attempts)")  # fmt: skip
+    p.set_defaults(func=cmd_retry_failed)
+
+    p = sub.add_parser("emulator", help="a local Amplitude-compatible server", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_emulator)
+
+    p = sub.add_parser("demo", help="the whole job on embedded defaults, with sample CRM rows")
+    p.add_argument("--users", type=int, default=300, help="sample users (default 300)")
+    p.add_argument("--keep", action="store_true", help="keep the demo's folder")
+    p.set_defaults(func=cmd_demo)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except SettingsError as exc:
+        print(exc.code, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+def _context():
+    from . import queue
+
+    s = settings_module.get()
+    return s, queue.define_tables(s.queue_table), queue.make_engine(s.database_url)
+
+
+def _db_error(exc: Exception, s) -> SettingsError:
+    from . import queue
+
+    return SettingsError("AMPSYNC_DATABASE_URL: " + queue.describe_db_error(exc, s.database_url))
+
+
+def cmd_init_db(args) -> int:
+    from . import queue
+
+    s, tables, engine = _context()
+    try:
+        if args.print_sql:
+            with engine.connect() as conn:
+                ddl = queue.missing_ddl(conn, tables)
+            print(queue.compile_ddl(ddl, engine.dialect) or "-- nothing is missing", end="")
+            print()
+            return 0
+        done = queue.init_db(engine, tables)
+    except queue.SQLAlchemyError as exc:
+        raise _db_error(exc, s) from None
+    print(f"{tables.queue.fullname}: " + (f"{len(done)} statements run" if done else "up to date"))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .broker import EmbeddedRedis
+
+    s = settings_module.get()
+    s.require_api_key()
+    cmd_init_db(argparse.Namespace(print_sql=False))
+    env = dict(os.environ)
+    embedded = None
+    if not s.celery_broker_url:
+        embedded = EmbeddedRedis()
+        env["CELERY_BROKER_URL"] = embedded.start()
+        print(f"embedded Redis at {env['CELERY_BROKER_URL']}")
+    command = worker_command(beat=True, concurrency=args.concurrency)
+    child = subprocess.Popen(command, env=env)
+    try:
+        return child.wait()
+    except KeyboardInterrupt:
+        child.send_signal(signal.SIGTERM)
+        return child.wait()
+    finally:
+        if embedded:
+            embedded.stop()
+
+
+def worker_command(beat: bool = False, concurrency: int | None = None,
+                   loglevel: str = "INFO") -> list[str]:  # fmt: skip
+    from .celery_app import SEND_QUEUE, SYNC_QUEUE
+
+    command = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-E",
+               "-Q", f"{SYNC_QUEUE},{SEND_QUEUE}", "--loglevel", loglevel]  # fmt: skip
+    if beat:
+        command.append("-B")
+    if concurrency:
+        command += ["--concurrency", str(concurrency)]
+    return command
+
+
+def cmd_sync(args) -> int:
+    from . import broker
+    from .jobs import sync
+
+    s, tables, engine = _context()
+    broker.check(s.celery_broker_url)
+    started_max = _max_id(engine, tables, args.kind) if args.wait else None
+    summary = sync.delay(kind=args.kind).get(timeout=120)
+    print(json.dumps(summary, indent=2, default=str))
+    if not args.wait:
+        return 0
+    deadline = time.monotonic() + args.timeout
+    while True:
+        counts = _counts_up_to(engine, tables, args.kind, started_max)
+        open_rows = counts.get("pending", 0) + counts.get("in_flight", 0)
+        print(f"\rsent {counts.get('sent', 0)}  failed {counts.get('failed', 0)}  "
+              f"open {open_rows}   ", end="", flush=True)  # fmt: skip
+        if open_rows == 0:
+            print()
+            return 0
+        if time.monotonic() > deadline:
+            print(f"\n{open_rows} rows still open after {args.timeout:g} s", file=sys.stderr)
+            return 1
+        time.sleep(1)
+
+
+def _max_id(engine, tables, kind):
+    from sqlalchemy import func, select
+
+    q = tables.queue
+    with engine.connect() as conn:
+        stmt = select(func.max(q.c.id))
+        if kind:
+            stmt = stmt.where(q.c.kind == kind)
+        return conn.execute(stmt).scalar() or 0
+
+
+def _counts_up_to(engine, tables, kind, max_id) -> dict[str, int]:
+    from sqlalchemy import func, select
+
+    q = tables.queue
+    stmt = select(q.c.status, func.count()).where(q.c.id <= max_id).group_by(q.c.status)
+    if kind:
+        stmt = stmt.where(q.c.kind == kind)
+    with engine.connect() as conn:
+        return dict(conn.execute(stmt).all())
+
+
+def cmd_status(args) -> int:
+    from .status import collect, render
+
+    s, tables, engine = _context()
+    try:
+        report = collect(s, tables, engine)
+    except Exception as exc:  # noqa: BLE001 - any database error becomes one line
+        from . import queue
+
+        if isinstance(exc, queue.SQLAlchemyError):
+            raise _db_error(exc, s) from None
+        raise
+    if args.json:
+        print(json.dumps(report, indent=2, default=_json_default))
+    else:
+        print(render(report))
+    return 0
+
+
+def _json_default(value):
+    if isinstance(value, datetime):
+        return value.isoformat() + "Z"
+    return str(value)
+
+
+def cmd_retry_failed(args) -> int:
+    from . import queue
+
+    s, tables, engine = _context()
+    with engine.connect() as conn:
+        n = queue.retry_failed(
+            conn, tables, kind=args.kind, ids=args.ids,
+            failure_class=None if args.failure_class == "all" else args.failure_class,
+        )  # fmt: skip
+    print(f"{n} failed rows put back to pending")
+    return 0
+
+
+def cmd_emulator(args) -> int:
+    from .emulator import main as emulator_main
+
+    return emulator_main(args.rest)
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(users=args.users, keep=args.keep)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Celery tasks: thin wiring around `delivery.Pipeline`.
+
+Arguments are primitive and JSON-safe: a send task's message carries the kind, a claim token
+and the run id — never rows, never the API key. No task waits on another.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Task
+
+from . import broker, delivery, queue
+from . import settings as settings_module
+from .celery_app import SEND_QUEUE, SYNC_QUEUE, app
+
+log = logging.getLogger("ampsync.tasks")
+
+# A sync that filled the broker's room comes back this soon, so throughput does not hang on
+# AMPSYNC_SYNC_INTERVAL; a Redis key keeps it to one follow-up at a time.
+FOLLOW_UP_SECONDS = 0.5
+_FOLLOW_UP_KEY = "ampsync:sync:follow-up"
+
+
+class AmpsyncTask(Task):
+    """Owns what every task needs: settings, the per-process pipeline, the broker check."""
+
+    abstract = True
+    _pipeline: delivery.Pipeline | None = None
+
+    @property
+    def pipeline(self) -> delivery.Pipeline:
+        cls = AmpsyncTask
+        if cls._pipeline is None:
+            cls._pipeline = delivery.Pipeline(settings_module.get())
+        return cls._pipeline
+
+    def apply_async(self, *args, **kwargs):
+        if not self.app.conf.broker_url:
+            raise settings_module.SettingsError(broker.NO_BROKER)
+        return super().apply_async(*args, **kwargs)
+
+
+@app.task(name="ampsync.sync", base=AmpsyncTask, bind=True, ignore_result=False)
+def sync(self: AmpsyncTask, kind: str | None = None) -> dict:
+    """Claim due rows and fan them out as send_batch tasks; return a summary."""
+    if kind is not None and kind not in queue.KINDS:
+        raise ValueError(f"kind must be one of {', '.join(queue.KINDS)}, not {kind!r}")
+    kinds = [kind] if kind else list(queue.KINDS)
+    pipeline = self.pipeline
+    redis = pipeline.redis
+
+    def enqueue(kind: str, token: str, run_id: str) -> None:
+        send_batch.apply_async(args=(kind, token, run_id), queue=SEND_QUEUE)
+
+    queued = redis.llen(SEND_QUEUE) if redis is not None else 0
+    result = pipeline.sync(kinds, enqueue, queued)
+    if (
+        result.more_due
+        and redis is not None
+        and redis.set(_FOLLOW_UP_KEY, result.run_id, nx=True, px=int(FOLLOW_UP_SECONDS * 2000))
+    ):
+        sync.apply_async(kwargs={"kind": kind}, countdown=FOLLOW_UP_SECONDS, queue=SYNC_QUEUE)
+    log.info("sync %s: %d rows claimed in %d batches%s", result.run_id, result.rows_claimed,
+             result.batches_enqueued, f"; paused {result.paused}" if result.paused else "")  # fmt: skip
+    return result.as_dict()
+
+
+@app.task(name="ampsync.send_batch", base=AmpsyncTask, bind=True, ignore_result=False)
+def send_batch(self: AmpsyncTask, kind: str, token: str, run_id: str = "") -> dict:
+    """Send one claimed batch and acknowledge every row of it."""
+    result = self.pipeline.send(kind, token)
+    if result.stale:
+        log.info("batch %s: claim no longer ours, nothing sent", token)
+    else:
+        log.info("batch %s (%s, run %s): %d sent, %d failed, %d retried in %d requests",
+                 token, kind, run_id, result.sent, result.failed, result.retried,
+                 result.requests)  # fmt: skip
+    return result.as_dict()

@@ -1,0 +1,330 @@
+"""Queue rows → Amplitude payloads: validation, mapping and packing into requests.
+
+A row Amplitude could never accept is refused here, with a reason that names the column and
+what to change, so it fails alone instead of sinking its batch. Each row is serialized once
+(orjson); requests are assembled from those bytes.
+"""
+
+from __future__ import annotations
+
+import calendar
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from .queue import INVALID
+
+# Amplitude's limits (shared/reference/amplitude-api.md).
+MAX_STRING = 1024  # longer string values are cut, as the official SDK does
+MAX_KEYS = 1024  # property keys per object
+MAX_DEPTH = 40  # nesting of property objects
+# Body ceilings per endpoint. V2: "< 1 MB"; Batch: 20 MB; Group Identify: 1 MB and 1024
+# identifications; Identify documents none, so it gets Group Identify's.
+MAX_BYTES = {"http_v2": 1_000_000, "batch": 20_000_000, "identify": 1_000_000,
+             "groupidentify": 1_000_000}  # fmt: skip
+MAX_ITEMS = {"http_v2": 2000, "batch": 2000, "identify": 1024, "groupidentify": 1024}
+PATHS = {"http_v2": "/2/httpapi", "batch": "/batch", "identify": "/identify",
+         "groupidentify": "/groupidentify"}  # fmt: skip
+FORM_ENDPOINTS = ("identify", "groupidentify")
+
+INVALID_IDS = frozenset(
+    ["anonymous", "nil", "none", "null", "n/a", "na", "undefined", "unknown", "",
+     "00000000-0000-0000-0000-000000000000", "{}", "lmy47d", "0", "-1"]
+)  # fmt: skip
+RESERVED_EVENT_TYPES = frozenset(
+    ["[Amplitude] Start Session", "[Amplitude] End Session", "[Amplitude] Revenue",
+     "[Amplitude] Revenue (Verified)", "[Amplitude] Revenue (Unverified)",
+     "[Amplitude] Merged User", "$identify", "$groupidentify"]
+)  # fmt: skip
+USER_OPERATIONS = frozenset(
+    ["$set", "$setOnce", "$add", "$append", "$prepend", "$unset", "$preInsert", "$postInsert",
+     "$remove", "$clearAll"]
+)  # fmt: skip
+GROUP_OPERATIONS = frozenset(["$set", "$setOnce", "$add", "$append", "$prepend", "$unset"])
+# Fields the row's columns fill; `extra` may not set them a second time.
+COLUMN_FIELDS = frozenset(
+    ["user_id", "device_id", "event_type", "time", "event_time", "insert_id", "group_type",
+     "group_value", "event_properties", "group_properties", "properties", "extra", "api_key",
+     "$skip_user_properties_sync"]
+)  # fmt: skip
+
+
+def endpoint_for(kind: str, event_api: str, identify_api: str) -> str:
+    if kind == "event":
+        return event_api
+    if kind == "identify":
+        return identify_api
+    return "groupidentify"
+
+
+class RowError(ValueError):
+    """A row Amplitude cannot accept; the message says which column and why."""
+
+
+@dataclass
+class Prepared:
+    row_id: int
+    blob: bytes  # the serialized event or identification
+    user_id: str | None
+    device_id: str | None
+
+
+@dataclass
+class Prepare:
+    items: list[Prepared] = field(default_factory=list)
+    invalid: dict[int, str] = field(default_factory=dict)
+    truncated: int = 0
+
+
+@dataclass
+class Row:
+    id: int
+    kind: str
+    user_id: str | None
+    device_id: str | None
+    event_type: str | None
+    event_time: datetime | None
+    insert_id: str | None
+    group_type: str | None
+    group_value: str | None
+    properties: str | None
+    extra: str | None
+    attempts: int
+    created_at: datetime
+
+
+def epoch_ms(value: datetime) -> int:
+    return calendar.timegm(value.utctimetuple()) * 1000 + value.microsecond // 1000
+
+
+class Builder:
+    """Turns rows of one endpoint into serialized items; one per send task."""
+
+    def __init__(self, endpoint: str, min_id_length: int, max_future_seconds: int,
+                 now: datetime) -> None:  # fmt: skip
+        self.endpoint = endpoint
+        self.min_id_length = min_id_length
+        self.max_future_ms = epoch_ms(now) + max_future_seconds * 1000
+        self.cuts = 0
+
+    def prepare(self, rows: Sequence[Any]) -> Prepare:
+        result = Prepare()
+        for raw in rows:
+            row = raw if isinstance(raw, Row) else Row(*raw)
+            try:
+                payload = self.payload(row)
+                blob = _dumps(payload, row)
+            except RowError as exc:
+                result.invalid[row.id] = f"{INVALID} {exc}"
+                continue
+            if len(blob) > MAX_BYTES[self.endpoint] - 200:
+                result.invalid[row.id] = (
+                    f"{INVALID} the row is {len(blob):,} bytes as JSON, over the "
+                    f"{MAX_BYTES[self.endpoint]:,} bytes Amplitude accepts in one request: "
+                    "shrink properties/extra"
+                )
+                continue
+            result.items.append(Prepared(row.id, blob, row.user_id, row.device_id))
+        result.truncated = self.cuts
+        return result
+
+    # --- mapping -------------------------------------------------------------------------------
+
+    def payload(self, row: Row) -> dict:
+        if row.kind not in ("identify", "event", "group_identify"):
+            raise RowError(
+                f"kind {row.kind!r} is not one of identify, event, group_identify"
+            )
+        props = _json_object(row.properties, "properties")
+        extra = _json_object(row.extra, "extra")
+        clash = sorted(COLUMN_FIELDS.intersection(extra))
+        if row.kind == "identify" and "user_properties" in extra:
+            clash.append("user_properties")
+        if clash:
+            raise RowError(
+                f"extra sets {', '.join(clash)}, which the row's columns fill: move the value to "
+                "its column (properties for property values)"
+            )
+        self._check_tree(props, "properties", 1)
+        self._check_tree(extra, "extra", 1)
+        if row.kind == "group_identify":
+            return self._group(row, props, extra)
+        self._check_ids(row)
+        if row.kind == "identify":
+            ops = _operations(props, USER_OPERATIONS, "identify")
+            if not ops and not extra:
+                raise RowError("properties is empty: an identify row needs properties to set")
+            if self.endpoint in FORM_ENDPOINTS:
+                return _compact({"user_id": row.user_id, "device_id": row.device_id,
+                                 "user_properties": ops, **extra})  # fmt: skip
+            return _compact({"event_type": "$identify", "user_id": row.user_id,
+                             "device_id": row.device_id, "time": self._time(row),
+                             "insert_id": self._insert_id(row), "user_properties": ops,
+                             **extra})  # fmt: skip
+        if not row.event_type:
+            raise RowError("event_type is empty: an event row needs an event_type")
+        if row.event_type in RESERVED_EVENT_TYPES:
+            raise RowError(f"event_type {row.event_type!r} is reserved by Amplitude")
+        if "user_properties" in extra:
+            if not isinstance(extra["user_properties"], dict):
+                raise RowError("extra.user_properties must be a JSON object")
+            extra["user_properties"] = _operations(
+                extra["user_properties"], USER_OPERATIONS, "extra.user_properties"
+            )
+        return _compact({"event_type": self._cut(row.event_type), "user_id": row.user_id,
+                         "device_id": row.device_id, "time": self._time(row),
+                         "insert_id": self._insert_id(row), "event_properties": props or None,
+                         **extra})  # fmt: skip
+
+    def _group(self, row: Row, props: dict, extra: dict) -> dict:
+        for column in ("group_type", "group_value"):
+            if not getattr(row, column):
+                raise RowError(f"{column} is empty: a group_identify row needs it")
+        ops = _operations(props, GROUP_OPERATIONS, "group_identify")
+        if not ops:
+            raise RowError("properties is empty: a group_identify row needs properties to set")
+        return {"group_type": row.group_type, "group_value": row.group_value,
+                "group_properties": ops, **extra}  # fmt: skip
+
+    def _check_ids(self, row: Row) -> None:
+        if not row.user_id and not row.device_id:
+            raise RowError("user_id and device_id are both empty: set at least one")
+        for column in ("user_id", "device_id"):
+            value = getattr(row, column)
+            if value is None:
+                continue
+            if value.strip().lower() in INVALID_IDS:
+                raise RowError(f"{column} {value!r} is a placeholder Amplitude rejects")
+            if len(value) < self.min_id_length:
+                raise RowError(
+                    f"{column} {value!r} is shorter than Amplitude's minimum of "
+                    f"{self.min_id_length} characters (AMPSYNC_MIN_ID_LENGTH)"
+                )
+
+    def _time(self, row: Row) -> int:
+        ms = epoch_ms(row.event_time or row.created_at)
+        if ms > self.max_future_ms:
+            raise RowError(
+                f"event_time {row.event_time:%Y-%m-%d %H:%M:%S} is in the future beyond "
+                "AMPSYNC_MAX_FUTURE_SECONDS: write times in UTC (SYSUTCDATETIME())"
+            )
+        return ms
+
+    def _insert_id(self, row: Row) -> str:
+        # Stable across re-sends of the row; new after the identity is reseeded.
+        return row.insert_id or f"ampsync-{row.id}-{epoch_ms(row.created_at)}"
+
+    def _cut(self, value: str) -> str:
+        if len(value) > MAX_STRING:
+            self.cuts += 1
+            return value[:MAX_STRING]
+        return value
+
+    def _check_tree(self, value: Any, where: str, depth: int) -> None:
+        """Depth and key limits, and cut long strings in place (as Amplitude would)."""
+        if depth > MAX_DEPTH:
+            raise RowError(f"{where} nests deeper than Amplitude's {MAX_DEPTH} levels")
+        if isinstance(value, dict):
+            if len(value) > MAX_KEYS:
+                raise RowError(
+                    f"{where} has {len(value):,} keys; Amplitude accepts at most {MAX_KEYS:,}"
+                )
+            for key, item in value.items():
+                if isinstance(item, str):
+                    if len(item) > MAX_STRING:
+                        value[key] = self._cut(item)
+                elif isinstance(item, dict | list):
+                    self._check_tree(item, f"{where}.{key}", depth + 1)
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                if isinstance(item, str):
+                    if len(item) > MAX_STRING:
+                        value[index] = self._cut(item)
+                elif isinstance(item, dict | list):
+                    self._check_tree(item, f"{where}[{index}]", depth + 1)
+
+
+def _compact(payload: dict) -> dict:
+    return {k: v for k, v in payload.items() if v is not None}
+
+
+def _json_object(text: str | None, column: str) -> dict:
+    if text is None or text.strip() == "":
+        return {}
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        if _has_surrogates(text):
+            raise RowError(f"{column} is not valid UTF-8 text") from None
+        raise RowError(f"{column} is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise RowError(
+            f"{column} must be a JSON object like {{\"CRM_Segment\": \"gold\"}}, "
+            f"not a JSON {type(value).__name__}"
+        )
+    return value
+
+
+def _operations(props: dict, allowed: frozenset[str], what: str) -> dict:
+    """Plain keys go under $set, beside any operations the row wrote itself."""
+    ops: dict[str, Any] = {}
+    plain: dict[str, Any] = {}
+    for key, value in props.items():
+        if key.startswith("$"):
+            if key not in allowed:
+                raise RowError(
+                    f"properties uses {key}, which {what} does not support "
+                    f"(allowed: {', '.join(sorted(allowed))})"
+                )
+            if key != "$clearAll" and not isinstance(value, dict):
+                raise RowError(f"properties.{key} must be a JSON object of property names")
+            ops[key] = value
+        else:
+            plain[key] = value
+    if plain:
+        ops["$set"] = {**ops.get("$set", {}), **plain}
+    return ops
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _dumps(payload: dict, row: Row) -> bytes:
+    try:
+        return orjson.dumps(payload)
+    except TypeError:
+        for column in ("user_id", "device_id", "event_type", "insert_id", "group_type",
+                       "group_value", "properties", "extra"):  # fmt: skip
+            value = getattr(row, column)
+            if isinstance(value, str) and _has_surrogates(value):
+                raise RowError(f"{column} is not valid UTF-8 text") from None
+        raise
+
+
+# --- packing -----------------------------------------------------------------------------------
+
+
+def pack(items: Sequence[Prepared], endpoint: str, max_items: int,
+         max_bytes: int | None = None) -> Iterator[list[Prepared]]:  # fmt: skip
+    """Consecutive runs of items that fit one request (count and bytes), order kept."""
+    limit_bytes = (max_bytes or MAX_BYTES[endpoint]) - 200  # envelope: api_key, options
+    limit_items = min(max_items, MAX_ITEMS[endpoint])
+    run: list[Prepared] = []
+    size = 0
+    for item in items:
+        grow = len(item.blob) + 1
+        if run and (len(run) >= limit_items or size + grow > limit_bytes):
+            yield run
+            run, size = [], 0
+        run.append(item)
+        size += grow
+    if run:
+        yield run

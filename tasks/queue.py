@@ -1,0 +1,658 @@
+"""The queue table: its schema, `init-db`, and the named statements that claim and acknowledge rows.
+
+Every statement is built with SQLAlchemy Core, so the same logic compiles for SQL Server,
+PostgreSQL, MySQL/MariaDB and SQLite; tests compile them with the mssql dialect and parse the
+result as T-SQL. Times come from the database's clock (`utcnow()`), never a worker's. `kind` and
+`status` are compared with literals, not bind parameters: SQL Server's filtered indexes need
+literals, and pymssql sends strings as NVARCHAR, which would turn seeks on these VARCHAR
+columns into scans.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    DateTime,
+    Engine,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Unicode,
+    UnicodeText,
+    and_,
+    case,
+    create_engine,
+    event,
+    exists,
+    func,
+    inspect,
+    literal_column,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects import mssql, mysql
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.schema import CreateIndex, CreateTable, DDLElement
+from sqlalchemy.sql.expression import ColumnElement, FunctionElement
+
+from . import settings as settings_module
+
+KINDS = ("identify", "event", "group_identify")
+# Kinds whose rows of one key must reach Amplitude in id order (SPEC.md, Delivery rules).
+ORDERED_KINDS = ("identify", "group_identify")
+
+# SQL Server caps a statement at 2100 parameters; id lists are sent in chunks below that.
+_IDS_PER_STATEMENT = 1000
+
+
+# --- the database clock ------------------------------------------------------------------------
+
+
+class utcnow(FunctionElement):
+    """The database's current UTC time (naive), so leases never depend on a worker's clock."""
+
+    type = DateTime()
+    inherit_cache = True
+
+
+@compiles(utcnow)
+def _utcnow_default(element, compiler, **kw):  # SQLite and anything else
+    return "strftime('%Y-%m-%d %H:%M:%f', 'now')"
+
+
+@compiles(utcnow, "mssql")
+def _utcnow_mssql(element, compiler, **kw):
+    return "SYSUTCDATETIME()"
+
+
+@compiles(utcnow, "postgresql")
+def _utcnow_pg(element, compiler, **kw):
+    return "(now() AT TIME ZONE 'utc')"
+
+
+@compiles(utcnow, "mysql")
+def _utcnow_mysql(element, compiler, **kw):
+    return "UTC_TIMESTAMP(6)"
+
+
+class utcnow_plus(FunctionElement):
+    """The database's UTC time plus a number of seconds (a bind parameter or literal)."""
+
+    type = DateTime()
+    inherit_cache = True
+
+
+@compiles(utcnow_plus)
+def _plus_default(element, compiler, **kw):
+    (seconds,) = element.clauses
+    return (
+        "strftime('%Y-%m-%d %H:%M:%f', 'now', "
+        f"({compiler.process(seconds, **kw)}) || ' seconds')"
+    )
+
+
+@compiles(utcnow_plus, "mssql")
+def _plus_mssql(element, compiler, **kw):
+    (seconds,) = element.clauses
+    # DATEADD takes an int; milliseconds keep sub-second backoff for tests.
+    return f"DATEADD(millisecond, CAST(({compiler.process(seconds, **kw)}) * 1000 AS INT), SYSUTCDATETIME())"
+
+
+@compiles(utcnow_plus, "postgresql")
+def _plus_pg(element, compiler, **kw):
+    (seconds,) = element.clauses
+    return f"((now() AT TIME ZONE 'utc') + make_interval(secs => {compiler.process(seconds, **kw)}))"
+
+
+@compiles(utcnow_plus, "mysql")
+def _plus_mysql(element, compiler, **kw):
+    (seconds,) = element.clauses
+    return f"DATE_ADD(UTC_TIMESTAMP(6), INTERVAL ({compiler.process(seconds, **kw)}) * 1000000 MICROSECOND)"
+
+
+def _lit(value: str) -> ColumnElement:
+    """A string literal in the SQL text (see module docstring)."""
+    assert value.replace("_", "").isalnum()
+    return literal_column(f"'{value}'")
+
+
+PENDING, IN_FLIGHT, SENT, FAILED = (_lit(s) for s in ("pending", "in_flight", "sent", "failed"))
+
+# --- schema ------------------------------------------------------------------------------------
+
+_ID = BigInteger().with_variant(Integer, "sqlite")  # SQLite autoincrements only INTEGER keys
+_TIME = DateTime().with_variant(mssql.DATETIME2(), "mssql").with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+_JSON_TEXT = UnicodeText().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+
+
+@dataclass(frozen=True)
+class QueueTables:
+    """The queue table and ampsync's own tables beside it, named after it."""
+
+    metadata: MetaData
+    queue: Table
+    endpoints: Table
+
+    @property
+    def own_columns(self) -> list[str]:
+        return [c.name for c in self.queue.columns if c.info.get("owner") == "ampsync"]
+
+
+def _own(column: Column) -> Column:
+    column.info["owner"] = "ampsync"
+    return column
+
+
+def define_tables(table_name: str) -> QueueTables:
+    schema, _, name = table_name.rpartition(".")
+    schema = schema or None
+    md = MetaData(schema=schema)
+    q = Table(
+        name,
+        md,
+        # written by the user's SQL
+        Column("id", _ID, primary_key=True, autoincrement=True),
+        Column("kind", String(16), nullable=False),
+        Column("user_id", Unicode(255)),
+        Column("device_id", Unicode(255)),
+        Column("event_type", Unicode(1024)),
+        Column("event_time", _TIME),
+        Column("insert_id", Unicode(255)),
+        Column("group_type", Unicode(255)),
+        Column("group_value", Unicode(255)),
+        Column("properties", _JSON_TEXT),
+        Column("extra", _JSON_TEXT),
+        # written by ampsync
+        Column("status", String(16), nullable=False, server_default="pending"),
+        Column("attempts", Integer, nullable=False, server_default="0"),
+        Column("next_attempt_at", _TIME),
+        Column("locked_until", _TIME),
+        Column("last_error", Unicode(2000)),
+        Column("created_at", _TIME, nullable=False, server_default=utcnow()),
+        Column("sent_at", _TIME),
+        # ampsync's own additions (init-db adds them to an existing table)
+        _own(Column("claim_token", String(32))),
+        _own(Column("first_attempt_at", _TIME)),
+    )
+    # Claim: equality on kind and status, then id order; sent rows sit in another part of the
+    # index, so a table full of history does not slow the claim down.
+    Index(f"ix_{name}_claim", q.c.kind, q.c.status, q.c.id)
+    Index(f"ix_{name}_lease", q.c.status, q.c.locked_until)
+    Index(f"ix_{name}_claim_token", q.c.claim_token)
+    # Per-key order of identify / group_identify rows.
+    Index(f"ix_{name}_user", q.c.kind, q.c.user_id, q.c.id)
+    Index(f"ix_{name}_device", q.c.kind, q.c.device_id, q.c.id)
+    Index(f"ix_{name}_group", q.c.kind, q.c.group_type, q.c.group_value, q.c.id)
+
+    endpoints = Table(
+        f"{name}_endpoints",
+        md,
+        Column("endpoint", String(32), primary_key=True),
+        Column("paused_until", _TIME),
+        Column("failures", Integer, nullable=False, server_default="0"),
+        Column("reason", Unicode(2000)),
+        Column("updated_at", _TIME, nullable=False, server_default=utcnow()),
+    )
+    return QueueTables(md, q, endpoints)
+
+
+# --- engine ------------------------------------------------------------------------------------
+
+
+def make_engine(url: str, **kwargs) -> Engine:
+    """An engine that survives dropped connections and, on SQLite, several writer processes."""
+    options: dict = {"pool_pre_ping": True, "future": True}
+    if url.startswith("sqlite"):
+        options["connect_args"] = {"timeout": 30}
+    elif url.startswith("mssql"):
+        # READPAST is refused under SNAPSHOT/SERIALIZABLE.
+        options["isolation_level"] = "READ COMMITTED"
+    else:
+        options["pool_recycle"] = 1800
+    options.update(kwargs)
+    engine = create_engine(url, **options)
+    if engine.dialect.name == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):
+            # Several processes write: WAL lets readers go on, busy_timeout waits for the lock.
+            # Text that is not UTF-8 is kept (surrogate-escaped) so the row can be failed with
+            # a reason instead of breaking the whole fetch.
+            dbapi_conn.text_factory = lambda b: b.decode("utf-8", "surrogateescape")
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+            dbapi_conn.isolation_level = None  # SQLAlchemy's begin() issues BEGIN itself
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+class DatabaseUnavailable(RuntimeError):
+    pass
+
+
+def describe_db_error(exc: BaseException, url: str) -> str:
+    first = str(getattr(exc, "orig", exc) or exc).strip().splitlines()[0][:300]
+    return f"cannot reach the database at {settings_module.mask_url(url)}: {first}"
+
+
+# --- init-db -----------------------------------------------------------------------------------
+
+
+class _AddColumn(DDLElement):
+    def __init__(self, table: Table, column: Column) -> None:
+        self.table, self.column = table, column
+
+
+@compiles(_AddColumn)
+def _add_column(element, compiler, **kw):
+    ddl = compiler.sql_compiler.preparer
+    col_spec = compiler.get_column_specification(element.column)
+    keyword = "ADD" if compiler.dialect.name == "mssql" else "ADD COLUMN"
+    return f"ALTER TABLE {ddl.format_table(element.table)} {keyword} {col_spec}"
+
+
+def missing_ddl(conn: Connection, tables: QueueTables) -> list[DDLElement]:
+    """DDL for what the database lacks: tables, ampsync's columns, indexes. Never drops or alters."""
+    insp = inspect(conn)
+    statements: list[DDLElement] = []
+    for table in tables.metadata.sorted_tables:
+        if not insp.has_table(table.name, schema=table.schema):
+            statements.append(CreateTable(table))
+            statements.extend(CreateIndex(ix) for ix in table.indexes)
+            continue
+        present = {c["name"].lower() for c in insp.get_columns(table.name, schema=table.schema)}
+        for column in table.columns:
+            if column.name.lower() not in present:
+                if column.info.get("owner") != "ampsync" and table is tables.queue:
+                    continue  # a user column missing is reported by check_table, not added
+                statements.append(_AddColumn(table, column))
+        have_ix = {ix["name"].lower() for ix in insp.get_indexes(table.name, schema=table.schema)}
+        statements.extend(
+            CreateIndex(ix) for ix in table.indexes if ix.name.lower() not in have_ix
+        )
+    return statements
+
+
+def compile_ddl(statements: Iterable[DDLElement], dialect) -> str:
+    sep = "\nGO\n" if dialect.name == "mssql" else ";\n"
+    body = sep.join(str(s.compile(dialect=dialect)).strip() for s in statements)
+    return body + (sep if body else "")
+
+
+def init_db(engine: Engine, tables: QueueTables) -> list[str]:
+    """Create whatever is missing; return the statements run."""
+    with engine.begin() as conn:
+        ddl = missing_ddl(conn, tables)
+        for statement in ddl:
+            conn.execute(statement)
+    return [str(s.compile(dialect=engine.dialect)).strip() for s in ddl]
+
+
+def check_table(conn: Connection, tables: QueueTables) -> str | None:
+    """One line naming what is missing from the queue table, or None when it is complete."""
+    insp = inspect(conn)
+    q = tables.queue
+    if not insp.has_table(q.name, schema=q.schema):
+        return f"queue table {tables.queue.fullname} does not exist: run `ampsync init-db`"
+    present = {c["name"].lower() for c in insp.get_columns(q.name, schema=q.schema)}
+    missing = [c.name for c in q.columns if c.name.lower() not in present]
+    if not insp.has_table(tables.endpoints.name, schema=q.schema):
+        missing.append(f"table {tables.endpoints.fullname}")
+    if missing:
+        return (
+            f"queue table {q.fullname} lacks {', '.join(missing)}: run `ampsync init-db` "
+            "(it only adds what is missing)"
+        )
+    return None
+
+
+# --- claim -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claim:
+    token: str
+    rows: int
+
+
+def _same_key(kind: str, later, earlier) -> ColumnElement:
+    """Rows of one user (device, group): the key whose order identify rows keep."""
+    if kind == "group_identify":
+        return and_(earlier.c.group_type == later.c.group_type,
+                    earlier.c.group_value == later.c.group_value)
+    return or_(
+        and_(later.c.user_id.is_not(None), earlier.c.user_id == later.c.user_id),
+        and_(later.c.user_id.is_(None), earlier.c.user_id.is_(None),
+             earlier.c.device_id == later.c.device_id),
+    )  # fmt: skip
+
+
+def claim_statement(tables: QueueTables, kind: str, limit: int, lease_seconds: float, token: str):
+    """The claim, as one statement (two on MySQL, which lacks UPDATE … RETURNING).
+
+    Due rows of one kind, oldest first, skipping rows another claim has locked. A row of an
+    ordered kind waits while an earlier row of its key is in flight or backing off; an earlier
+    row that is due travels in the same batch, ahead of it.
+    Returns (select of candidate ids, update of those ids) — the update is `.returning(id)`.
+    """
+    assert kind in KINDS
+    q = tables.queue
+    candidate = q.alias("candidate")
+    now = utcnow()
+    due = and_(
+        candidate.c.kind == _lit(kind),
+        candidate.c.status == PENDING,
+        or_(candidate.c.next_attempt_at.is_(None), candidate.c.next_attempt_at <= now),
+    )
+    if kind in ORDERED_KINDS:
+        earlier = q.alias("earlier")
+        blocked = exists().where(
+            earlier.c.kind == _lit(kind),
+            _same_key(kind, candidate, earlier),
+            earlier.c.id < candidate.c.id,
+            or_(
+                earlier.c.status == IN_FLIGHT,
+                and_(earlier.c.status == PENDING, earlier.c.next_attempt_at > now),
+            ),
+        )
+        due = and_(due, ~blocked)
+    pick = (
+        select(candidate.c.id)
+        .where(due)
+        .order_by(candidate.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True, of=candidate)
+        .with_hint(candidate, "WITH (ROWLOCK, UPDLOCK, READPAST)", dialect_name="mssql")
+    )
+    stamp = (
+        update(q)
+        .values(
+            status=IN_FLIGHT,
+            claim_token=token,
+            locked_until=utcnow_plus(literal_column(str(float(lease_seconds)))),
+            attempts=q.c.attempts + 1,
+            first_attempt_at=func.coalesce(q.c.first_attempt_at, utcnow()),
+        )
+    )
+    return pick, stamp
+
+
+def claim(conn: Connection, tables: QueueTables, kind: str, limit: int, lease_seconds: float) -> Claim:
+    """Claim up to `limit` due rows of `kind` under a new token (commits)."""
+    token = uuid.uuid4().hex
+    pick, stamp = claim_statement(tables, kind, limit, lease_seconds, token)
+    q = tables.queue
+    with conn.begin():
+        if conn.dialect.name in ("mysql", "mariadb"):
+            ids = list(conn.execute(pick).scalars())
+            count = 0
+            for chunk in _chunks(ids):
+                count += conn.execute(
+                    stamp.where(q.c.id.in_(chunk))
+                ).rowcount
+        else:
+            statement = stamp.where(q.c.id.in_(pick.scalar_subquery())).returning(q.c.id)
+            count = len(conn.execute(statement).all())
+    return Claim(token, count)
+
+
+def compiled_claim(tables: QueueTables, kind: str, limit: int, lease_seconds: float, dialect):
+    """The claim statement as the given dialect would run it (for review and tests)."""
+    pick, stamp = claim_statement(tables, kind, limit, lease_seconds, "0" * 32)
+    q = tables.queue
+    statement = stamp.where(q.c.id.in_(pick.scalar_subquery())).returning(q.c.id)
+    return statement.compile(dialect=dialect, compile_kwargs={"literal_binds": True})
+
+
+# --- sweep -------------------------------------------------------------------------------------
+
+
+def sweep_statements(tables: QueueTables, max_attempts: int):
+    """Leases that expired (a worker died or lost its message): the row is due again, or failed
+    once its attempts are spent (attempts count at claim, so a row that kills its worker ends)."""
+    q = tables.queue
+    expired = and_(q.c.status == IN_FLIGHT, q.c.locked_until < utcnow())
+    give_up = (
+        update(q)
+        .where(expired, q.c.attempts >= max_attempts)
+        .values(
+            status=FAILED,
+            claim_token=None,
+            locked_until=None,
+            last_error=func.substring(
+                literal_column(f"'{GAVE_UP} {max_attempts} attempts: lease expired "
+                               "(the worker died or stopped mid-batch); last error: '")
+                + func.coalesce(q.c.last_error, literal_column("'none'")),
+                1,
+                2000,
+            ),
+        )
+    )  # fmt: skip
+    release = (
+        update(q)
+        .where(expired, q.c.attempts < max_attempts)
+        .values(status=PENDING, claim_token=None, locked_until=None)
+    )
+    return give_up, release
+
+
+def sweep(conn: Connection, tables: QueueTables, max_attempts: int) -> tuple[int, int]:
+    give_up, release = sweep_statements(tables, max_attempts)
+    with conn.begin():
+        failed = conn.execute(give_up).rowcount
+        released = conn.execute(release).rowcount
+    return failed, released
+
+
+# --- send side: renew, load, acknowledge -------------------------------------------------------
+
+ROW_COLUMNS = (
+    "id", "kind", "user_id", "device_id", "event_type", "event_time", "insert_id",
+    "group_type", "group_value", "properties", "extra", "attempts", "created_at",
+)  # fmt: skip
+
+
+def renew(conn: Connection, tables: QueueTables, token: str, lease_seconds: float) -> int:
+    """Extend the lease of this claim's rows; 0 means the claim is no longer ours."""
+    q = tables.queue
+    with conn.begin():
+        return conn.execute(
+            update(q)
+            .where(q.c.claim_token == token, q.c.status == IN_FLIGHT)
+            .values(locked_until=utcnow_plus(literal_column(str(float(lease_seconds)))))
+        ).rowcount
+
+
+def defer_out_of_order(conn: Connection, tables: QueueTables, kind: str, token: str) -> int:
+    """Give back rows whose earlier same-key row is unfinished in another claim (two claims
+    raced past each other); they keep their attempt and go out after that row."""
+    if kind not in ORDERED_KINDS:
+        return 0
+    q = tables.queue
+    mine = q.alias("mine")
+    earlier = q.alias("earlier")
+    blocked = (
+        select(mine.c.id)
+        .where(
+            mine.c.claim_token == token,
+            exists().where(
+                earlier.c.kind == _lit(kind),
+                _same_key(kind, mine, earlier),
+                earlier.c.id < mine.c.id,
+                earlier.c.status.in_([PENDING, IN_FLIGHT]),
+                or_(earlier.c.claim_token.is_(None), earlier.c.claim_token != token),
+            ),
+        )
+    )
+    with conn.begin():
+        ids = list(conn.execute(blocked).scalars())
+        for chunk in _chunks(ids):
+            conn.execute(
+                update(q)
+                .where(q.c.claim_token == token, q.c.id.in_(chunk))
+                .values(status=PENDING, claim_token=None, locked_until=None,
+                        attempts=q.c.attempts - 1)
+            )  # fmt: skip
+    return len(ids)
+
+
+def load(conn: Connection, tables: QueueTables, token: str) -> list:
+    q = tables.queue
+    cols = [q.c[name] for name in ROW_COLUMNS]
+    with conn.begin():
+        return conn.execute(
+            select(*cols).where(q.c.claim_token == token, q.c.status == IN_FLIGHT).order_by(q.c.id)
+        ).all()
+
+
+# Failure classes that open every last_error (issue: operators filter and retry by class).
+INVALID = "invalid row:"
+REJECTED = "rejected by Amplitude:"
+GAVE_UP = "gave up after"
+RETRYING = "will retry:"
+FAILURE_CLASSES = {"invalid": INVALID, "rejected": REJECTED, "gave-up": GAVE_UP}
+
+
+@dataclass
+class Acknowledgement:
+    """How each row of a claim ended, applied in one transaction."""
+
+    sent: list[int]
+    failed: dict[int, str]
+    # (delay seconds, refund attempt, reason) -> ids
+    retry: dict[tuple[float, bool, str], list[int]]
+
+
+def acknowledge(conn: Connection, tables: QueueTables, token: str, ack: Acknowledgement) -> int:
+    """Write the outcome of a claim. Only rows still holding `token` change, so a late or
+    duplicated send task cannot overwrite a newer claim. One statement per outcome (ids in
+    chunks), never one per row. Returns the number of rows changed."""
+    q = tables.queue
+    mine = and_(q.c.claim_token == token, q.c.status == IN_FLIGHT)
+    changed = 0
+    with conn.begin():
+        for chunk in _chunks(ack.sent):
+            changed += conn.execute(
+                update(q).where(mine, q.c.id.in_(chunk)).values(
+                    status=SENT, sent_at=utcnow(), claim_token=None, locked_until=None,
+                    last_error=None, next_attempt_at=None)
+            ).rowcount  # fmt: skip
+        failed_ids = sorted(ack.failed)
+        for chunk in _chunks(failed_ids):
+            reasons = case({i: ack.failed[i][:2000] for i in chunk}, value=q.c.id)
+            changed += conn.execute(
+                update(q).where(mine, q.c.id.in_(chunk)).values(
+                    status=FAILED, last_error=reasons, claim_token=None, locked_until=None)
+            ).rowcount  # fmt: skip
+        for (delay, refund, reason), ids in ack.retry.items():
+            for chunk in _chunks(sorted(ids)):
+                changed += conn.execute(
+                    update(q).where(mine, q.c.id.in_(chunk)).values(
+                        status=PENDING, claim_token=None, locked_until=None,
+                        next_attempt_at=utcnow_plus(literal_column(repr(float(delay)))),
+                        attempts=q.c.attempts - 1 if refund else q.c.attempts,
+                        last_error=reason[:2000])
+                ).rowcount  # fmt: skip
+    return changed
+
+
+def insert_rows(conn: Connection, tables: QueueTables, rows: Sequence[dict]) -> None:
+    """Insert rows that may name different columns (as a user's SQL would write them)."""
+    columns = sorted({key for row in rows for key in row})
+    conn.execute(tables.queue.insert(), [{c: row.get(c) for c in columns} for row in rows])
+
+
+# --- operator statements -----------------------------------------------------------------------
+
+
+def retry_failed(
+    conn: Connection,
+    tables: QueueTables,
+    kind: str | None = None,
+    ids: Sequence[int] | None = None,
+    failure_class: str | None = "gave-up",
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> int:
+    q = tables.queue
+    where = [q.c.status == FAILED]
+    if kind:
+        where.append(q.c.kind == _lit(kind))
+    if failure_class:
+        where.append(q.c.last_error.like(FAILURE_CLASSES[failure_class] + "%"))
+    if since:
+        where.append(q.c.created_at >= since)
+    if until:
+        where.append(q.c.created_at < until)
+    values = dict(status=PENDING, attempts=0, next_attempt_at=None, claim_token=None,
+                  locked_until=None)  # fmt: skip
+    changed = 0
+    with conn.begin():
+        if ids:
+            for chunk in _chunks(list(ids)):
+                changed += conn.execute(
+                    update(q).where(*where, q.c.id.in_(chunk)).values(**values)
+                ).rowcount
+        else:
+            changed = conn.execute(update(q).where(*where).values(**values)).rowcount
+    return changed
+
+
+def status_counts(conn: Connection, tables: QueueTables) -> list[tuple[str, str, int]]:
+    q = tables.queue
+    with conn.begin():
+        return [
+            (k, s, n)
+            for k, s, n in conn.execute(
+                select(q.c.kind, q.c.status, func.count())
+                .group_by(q.c.kind, q.c.status)
+                .order_by(q.c.kind, q.c.status)
+            )
+        ]
+
+
+def has_due_rows(conn: Connection, tables: QueueTables, kind: str) -> bool:
+    q = tables.queue
+    with conn.begin():
+        return (
+            conn.execute(
+                select(q.c.id)
+                .where(
+                    q.c.kind == _lit(kind),
+                    q.c.status == PENDING,
+                    or_(q.c.next_attempt_at.is_(None), q.c.next_attempt_at <= utcnow()),
+                )
+                .limit(1)
+            ).first()
+            is not None
+        )
+
+
+def _chunks(ids: list[int], size: int = _IDS_PER_STATEMENT) -> Iterable[list[int]]:
+    for start in range(0, len(ids), size):
+        yield ids[start : start + size]
+
+
+__all__ = [
+    "Claim", "QueueTables", "define_tables", "make_engine", "init_db", "missing_ddl",
+    "compile_ddl", "check_table", "claim", "sweep", "renew", "load", "acknowledge",
+    "Acknowledgement", "retry_failed", "status_counts", "SQLAlchemyError",
+]  # fmt: skip
