@@ -103,4 +103,23 @@ def _check_beat_start(**_kwargs) -> None:
     broker.check(settings_module.get().celery_broker_url)
 
 
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _log_format(logger: logging.Logger, **_kwargs) -> None:
+    """AMPSYNC_LOG_FORMAT=json: Celery's handlers write one JSON object per line."""
+    from . import logs
+
+    if logs.resolve() == "json":
+        logs.use_json(logger)
+
+
+@signals.celeryd_after_setup.connect
+def _no_banner_in_json(instance, **_kwargs) -> None:
+    # The start-up banner is printed, not logged; in JSON mode it would break the stream.
+    from . import logs
+
+    if logs.resolve() == "json":
+        instance.quiet = True
+
+
 logging.getLogger("ampsync").setLevel(logging.INFO)

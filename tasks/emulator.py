@@ -50,6 +50,7 @@ import struct
 import sys
 import threading
 import time
+import traceback
 import urllib.parse
 from collections import deque
 from collections.abc import Callable
@@ -635,6 +636,8 @@ class Emulator:
         keep_events: int | None = None,
     ):
         self._faults = faults if faults is not None else Faults()
+        for f in fields(Faults):  # normalise in place: the caller's object stays live
+            setattr(self._faults, f.name, _coerce_fault(f.name, getattr(self._faults, f.name)))
         self._api_keys = set(api_keys) if api_keys is not None else None
         self._keep_events = keep_events
         self._lock = threading.Lock()
@@ -664,7 +667,7 @@ class Emulator:
         self._server = self._make_server(host, port)
         self._thread = threading.Thread(
             target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.05},
+            kwargs={"poll_interval": 0.01},
             name="amplitude-emulator",
             daemon=True,
         )
@@ -800,7 +803,7 @@ class Emulator:
                 return {"kind": "before", "code": 503, "reason": "down"}
             for i, entry in enumerate(f.fail_next):
                 p = entry.get("path")
-                if p is None or p == path:
+                if p is None or _norm_path(p) == path:
                     del f.fail_next[i]
                     return self._fail_next_action(entry)
             rng = self._rng
@@ -1096,6 +1099,8 @@ class Emulator:
                 seen = dedup.get(h)
                 if seen is not None and now - seen < DEDUP_SECONDS:
                     continue
+                if seen is not None:  # expired: re-insert at the end (keeps time order)
+                    del dedup[h]
                 dedup[h] = now
             unique += 1
             et = ev["event_type"]
@@ -1124,6 +1129,8 @@ class Emulator:
             if slot is None:
                 slot = types[et] = [0, deque(maxlen=LAST_EVENTS_PER_TYPE)]
             slot[0] += 1
+            if "api_key" in ev:  # never keep a key someone put inside an event
+                ev = {k: v for k, v in ev.items() if k != "api_key"}
             slot[1].append(ev)
             if keep_any:
                 keep.append(ev)
@@ -1460,6 +1467,17 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
     def _dispatch(self) -> None:
+        try:
+            self._dispatch_inner()
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True
+        except Exception:  # an emulator bug must not look like a network fault
+            traceback.print_exc(file=sys.stderr)
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self._send(_json_answer(500, {"code": 500, "error": "Internal emulator error"}))
+
+    def _dispatch_inner(self) -> None:
         emu = self.server.emulator
         method = self.command
         raw_path, _, query = self.path.partition("?")

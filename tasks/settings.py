@@ -83,6 +83,8 @@ class Settings(BaseSettings):
     celery_broker_url: str | None = Field(None, alias="CELERY_BROKER_URL")
     sync_interval: float = Field(60.0, gt=0, alias="AMPSYNC_SYNC_INTERVAL")
     worker_concurrency: int | None = Field(None, ge=1, le=256, alias="AMPSYNC_WORKER_CONCURRENCY")
+    # `json`: one JSON object per log line, for log shippers (tasks/logs.py).
+    log_format: Literal["text", "json"] = Field("text", alias="AMPSYNC_LOG_FORMAT")
 
     @field_validator("amplitude_server_url")
     @classmethod

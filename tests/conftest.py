@@ -221,36 +221,61 @@ def _drop(stack: Stack) -> None:
     stack.engine.dispose()
 
 
+# Stacks whose workers are running: workers of different stacks share the test broker, so
+# only one stack may have workers at a time (another's worker would take its send tasks).
+_RUNNING: list[Stack] = []
+
+
+def _only(stack: Stack) -> None:
+    for other in list(_RUNNING):
+        if other is not stack:
+            other.stop_workers()
+            _RUNNING.remove(other)
+    if stack not in _RUNNING:
+        _RUNNING.append(stack)
+
+
 @pytest.fixture
 def make_stack(emulator, tmp_path):
     """Factory: a fresh table and configuration; workers are started by the test."""
     made: list[Stack] = []
 
     def factory(url: str | None = None, **env: str) -> Stack:
+        for other in list(_RUNNING):
+            other.stop_workers()
+            _RUNNING.remove(other)
         flush_redis()
         emulator[0].reset()
         emulator[0].set_faults(**DEFAULT_FAULTS)
         stack = _make_stack(emulator, url or PG_URL, env)
+        _RUNNING.append(stack)
         made.append(stack)
         return stack
 
     yield factory
     for stack in made:
+        if stack in _RUNNING:
+            _RUNNING.remove(stack)
         _drop(stack)
 
 
 @pytest.fixture(scope="module")
 def pg_stack(emulator) -> Iterator[Stack]:
     """A PostgreSQL stack with a running worker, shared by a module; cleared per test."""
-    flush_redis()
     stack = _make_stack(emulator, PG_URL)
-    stack.start_worker()
     yield stack
+    if stack in _RUNNING:
+        _RUNNING.remove(stack)
     _drop(stack)
 
 
 @pytest.fixture
 def pg(pg_stack: Stack) -> Stack:
+    _only(pg_stack)
+    if not any(w.poll() is None for w in pg_stack.workers):
+        flush_redis()
+        pg_stack.stop_workers()
+        pg_stack.start_worker()
     pg_stack.clear()
     return pg_stack
 

@@ -1,0 +1,97 @@
+"""Log lines: one line per event, as text for people or as JSON for log shippers.
+
+The CLI takes `--log-format {text,json}`; workers, beat and Flower read AMPSYNC_LOG_FORMAT
+(`celery_app` swaps Celery's formatters through its logging signals). Logs go to stderr;
+stdout stays for what a command prints for people (tables, progress, summaries).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from datetime import UTC, datetime
+
+import orjson
+
+FORMATS = ("text", "json")
+ENV = "AMPSYNC_LOG_FORMAT"
+TEXT_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(name)s: %(message)s"
+
+# Attributes every LogRecord has; anything else on a record came from `extra=` (or Celery's
+# own `data`, which carries the task id, name and return value) and is kept as a field.
+_RECORD_ATTRIBUTES = frozenset(
+    vars(logging.LogRecord("", 0, "", 0, "", None, None))
+) | {"message", "asctime", "taskName"}
+
+
+def _current_task() -> dict[str, str]:
+    """Task id and name when the record is logged inside a Celery task."""
+    try:
+        from celery._state import get_current_task
+    except ImportError:  # pragma: no cover - celery is a dependency
+        return {}
+    task = get_current_task()
+    if task is None or task.request is None or task.request.id is None:
+        return {}
+    return {"task_id": task.request.id, "task_name": task.name}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC), level, logger, message, then the record's extras."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "process": record.processName,
+        }  # fmt: skip
+        entry.update(_current_task())
+        for key, value in record.__dict__.items():
+            if key not in _RECORD_ATTRIBUTES and not key.startswith("_"):
+                entry.setdefault(key, value)
+        if record.exc_info:
+            entry["exc_info"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack_info"] = self.formatStack(record.stack_info)
+        return orjson.dumps(entry, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+def resolve(explicit: str | None = None) -> str:
+    """The format to use: the explicit choice, else AMPSYNC_LOG_FORMAT (env or .env), else text."""
+    if explicit:
+        return explicit
+    from . import settings
+
+    try:
+        return settings.get().log_format
+    except settings.SettingsError:
+        return os.environ.get(ENV, "text") if os.environ.get(ENV) in FORMATS else "text"
+
+
+def use_json(logger: logging.Logger) -> None:
+    """Give each handler of `logger` the JSON formatter (Celery set them up as text)."""
+    formatter = JsonFormatter()
+    for handler in logger.handlers:
+        handler.setFormatter(formatter)
+    # Python warnings (Celery's SecurityWarning, deprecations) become log records too, so the
+    # stream stays one JSON object per line.
+    logging.captureWarnings(True)
+
+
+def configure(fmt: str | None = None) -> str:
+    """Logging for a CLI process; processes it starts (worker, beat) inherit the format."""
+    fmt = resolve(fmt)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("ampsync").setLevel(logging.INFO)
+    if fmt == "json":
+        logging.captureWarnings(True)
+    os.environ[ENV] = fmt
+    return fmt
