@@ -46,7 +46,9 @@ def _configure(s: settings_module.Settings) -> None:
         worker_prefetch_multiplier=1,  # one unacked message per process
         worker_cancel_long_running_tasks_on_connection_loss=True,  # no task twice at once
         task_time_limit=task_time_limit,
-        task_soft_time_limit=max(1, task_time_limit - 10),
+        # A margin of 10 s, or a fifth of a short lease (5 s → 4 s, not 1 s, which stopped
+        # every send slower than a second).
+        task_soft_time_limit=max(1, task_time_limit - min(10, task_time_limit // 5)),
         # Flower: task events from workers, and "sent" events for queued tasks.
         worker_send_task_events=True,
         task_send_sent_event=True,

@@ -19,11 +19,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="ampsync", description="Deliver rows of a SQL queue table to Amplitude."
     )
+    parser.add_argument("--log-format", choices=["text", "json"], default=None,
+                        help="log lines as text or one JSON object per line, for log shippers "
+                        "(default: AMPSYNC_LOG_FORMAT, else text); workers it starts follow")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("init-db", help="create what is missing of the queue table (never drops)")
     p.add_argument("--print-sql", action="store_true",
                    help="print the DDL for the configured database instead of running it")  # fmt: skip
+    p.add_argument("--create-database", action="store_true",
+                   help="first create the database named in AMPSYNC_DATABASE_URL if the server "
+                   "lacks it (connects to the server's default database to do so)")  # fmt: skip
     p.set_defaults(func=cmd_init_db)
 
     p = sub.add_parser("run", help="worker and beat in one process, for a single machine")
@@ -59,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_demo)
 
     args = parser.parse_args(argv)
+    from .logs import configure
+
+    configure(args.log_format)
     try:
         return args.func(args) or 0
     except SettingsError as exc:
@@ -88,6 +97,13 @@ def cmd_init_db(args) -> int:
     from . import queue
 
     s, tables, engine = _context()
+    if getattr(args, "create_database", False) and not args.print_sql:
+        try:
+            created = create_database(s.database_url)
+        except queue.SQLAlchemyError as exc:
+            raise _db_error(exc, s) from None
+        if created is not None:
+            print(f"database {created[0]}: " + ("created" if created[1] else "exists"))
     try:
         if args.print_sql:
             with engine.connect() as conn:

@@ -148,6 +148,13 @@ class Stack:
     def state(self) -> dict:
         return self.emulator.snapshot()
 
+    def status(self) -> dict:
+        """What `ampsync status --json` reports for this stack."""
+        from tasks import settings, status
+
+        s = settings.Settings(AMPSYNC_DATABASE_URL=self.url, AMPSYNC_QUEUE_TABLE=self.table)
+        return status.collect(s, self.tables, self.engine)
+
 
 DEFAULT_FAULTS = {
     "latency_ms": 0, "fail_before_rate": 0.0, "fail_after_rate": 0.0, "html_error_rate": 0.0,

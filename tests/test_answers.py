@@ -190,12 +190,7 @@ def test_three_rows_for_one_user_end_with_the_last_rows_value_when_the_first_sen
 
 
 def stack_endpoints(stack) -> list[dict]:
-    from tasks.status import collect
-
-    from tasks import settings
-
-    s = settings.Settings(**{"AMPSYNC_DATABASE_URL": stack.url, "AMPSYNC_QUEUE_TABLE": stack.table})
-    return collect(s, stack.tables, stack.engine)["endpoints"]
+    return stack.status()["endpoints"]
 
 
 def _requests(stack) -> int:

@@ -8,7 +8,6 @@ lost and duplicated computed by `audit()` (run with -s to see them).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
