@@ -38,6 +38,7 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects import mssql, mysql
@@ -133,7 +134,9 @@ PENDING, IN_FLIGHT, SENT, FAILED = (_lit(s) for s in ("pending", "in_flight", "s
 
 _ID = BigInteger().with_variant(Integer, "sqlite")  # SQLite autoincrements only INTEGER keys
 _TIME = DateTime().with_variant(mssql.DATETIME2(), "mssql").with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
-_JSON_TEXT = UnicodeText().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+# NVARCHAR(MAX) on SQL Server (UnicodeText would give the deprecated NTEXT).
+_JSON_TEXT = (UnicodeText().with_variant(mssql.NVARCHAR(), "mssql")
+              .with_variant(mysql.LONGTEXT(), "mysql", "mariadb"))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -175,7 +178,7 @@ def define_tables(table_name: str) -> QueueTables:
         Column("extra", _JSON_TEXT),
         # written by ampsync
         Column("status", String(16), nullable=False, server_default="pending"),
-        Column("attempts", Integer, nullable=False, server_default="0"),
+        Column("attempts", Integer, nullable=False, server_default=text("0")),
         Column("next_attempt_at", _TIME),
         Column("locked_until", _TIME),
         Column("last_error", Unicode(2000)),
@@ -200,7 +203,7 @@ def define_tables(table_name: str) -> QueueTables:
         md,
         Column("endpoint", String(32), primary_key=True),
         Column("paused_until", _TIME),
-        Column("failures", Integer, nullable=False, server_default="0"),
+        Column("failures", Integer, nullable=False, server_default=text("0")),
         Column("reason", Unicode(2000)),
         Column("updated_at", _TIME, nullable=False, server_default=utcnow()),
     )
@@ -276,7 +279,7 @@ def missing_ddl(conn: Connection, tables: QueueTables) -> list[DDLElement]:
     for table in tables.metadata.sorted_tables:
         if not insp.has_table(table.name, schema=table.schema):
             statements.append(CreateTable(table))
-            statements.extend(CreateIndex(ix) for ix in table.indexes)
+            statements.extend(CreateIndex(ix) for ix in _sorted(table.indexes))
             continue
         present = {c["name"].lower() for c in insp.get_columns(table.name, schema=table.schema)}
         for column in table.columns:
@@ -286,9 +289,22 @@ def missing_ddl(conn: Connection, tables: QueueTables) -> list[DDLElement]:
                 statements.append(_AddColumn(table, column))
         have_ix = {ix["name"].lower() for ix in insp.get_indexes(table.name, schema=table.schema)}
         statements.extend(
-            CreateIndex(ix) for ix in table.indexes if ix.name.lower() not in have_ix
+            CreateIndex(ix) for ix in _sorted(table.indexes) if ix.name.lower() not in have_ix
         )
     return statements
+
+
+def create_ddl(tables: QueueTables) -> list[DDLElement]:
+    """The DDL of a database that has none of ampsync's tables yet."""
+    statements: list[DDLElement] = []
+    for table in tables.metadata.sorted_tables:
+        statements.append(CreateTable(table))
+        statements.extend(CreateIndex(ix) for ix in _sorted(table.indexes))
+    return statements
+
+
+def _sorted(indexes) -> list[Index]:
+    return sorted(indexes, key=lambda ix: ix.name)
 
 
 def compile_ddl(statements: Iterable[DDLElement], dialect) -> str:
@@ -425,9 +441,22 @@ def compiled_claim(tables: QueueTables, kind: str, limit: int, lease_seconds: fl
 # --- sweep -------------------------------------------------------------------------------------
 
 
-def sweep_statements(tables: QueueTables, max_attempts: int):
+def _gave_up(q: Table, why: str) -> ColumnElement:
+    """The last_error of a row ampsync stops retrying: the class, why, then the error before."""
+    assert "'" not in why
+    return func.substring(
+        literal_column(f"'{GAVE_UP} {why}; last error: '")
+        + func.coalesce(q.c.last_error, literal_column("'none'")),
+        1,
+        2000,
+    )
+
+
+def sweep_statements(tables: QueueTables, max_attempts: int, max_age_seconds: float = 0):
     """Leases that expired (a worker died or lost its message): the row is due again, or failed
-    once its attempts are spent (attempts count at claim, so a row that kills its worker ends)."""
+    once its attempts are spent (attempts count at claim, so a row that kills its worker ends).
+    With a maximum age, pending rows first tried longer ago than that fail too: a re-send after
+    Amplitude's 7-day dedup window could count twice."""
     q = tables.queue
     expired = and_(q.c.status == IN_FLIGHT, q.c.locked_until < utcnow())
     give_up = (
@@ -437,13 +466,8 @@ def sweep_statements(tables: QueueTables, max_attempts: int):
             status=FAILED,
             claim_token=None,
             locked_until=None,
-            last_error=func.substring(
-                literal_column(f"'{GAVE_UP} {max_attempts} attempts: lease expired "
-                               "(the worker died or stopped mid-batch); last error: '")
-                + func.coalesce(q.c.last_error, literal_column("'none'")),
-                1,
-                2000,
-            ),
+            last_error=_gave_up(q, f"{max_attempts} attempts: lease expired (the worker died "
+                                   "or stopped mid-batch)"),
         )
     )  # fmt: skip
     release = (
@@ -451,14 +475,33 @@ def sweep_statements(tables: QueueTables, max_attempts: int):
         .where(expired, q.c.attempts < max_attempts)
         .values(status=PENDING, claim_token=None, locked_until=None)
     )
-    return give_up, release
+    if not max_age_seconds:
+        return give_up, release
+    too_old = (
+        update(q)
+        .where(
+            q.c.status == PENDING,
+            q.c.first_attempt_at < utcnow_plus(literal_column(str(-float(max_age_seconds)))),
+        )
+        .values(
+            status=FAILED,
+            next_attempt_at=None,
+            last_error=_gave_up(q, f"{max_age_seconds:g} s: pending longer than "
+                                   f"AMPSYNC_MAX_AGE_SECONDS ({max_age_seconds:g} s) since its "
+                                   "first attempt"),
+        )
+    )  # fmt: skip
+    return give_up, release, too_old
 
 
-def sweep(conn: Connection, tables: QueueTables, max_attempts: int) -> tuple[int, int]:
-    give_up, release = sweep_statements(tables, max_attempts)
+def sweep(conn: Connection, tables: QueueTables, max_attempts: int,
+          max_age_seconds: float = 0) -> tuple[int, int]:  # fmt: skip
+    """Run the sweep; returns (rows failed, rows released)."""
+    give_up, release, *too_old = sweep_statements(tables, max_attempts, max_age_seconds)
     with conn.begin():
         failed = conn.execute(give_up).rowcount
         released = conn.execute(release).rowcount
+        failed += sum(conn.execute(statement).rowcount for statement in too_old)
     return failed, released
 
 
@@ -470,15 +513,38 @@ ROW_COLUMNS = (
 )  # fmt: skip
 
 
+def renew_statement(tables: QueueTables, token: str, lease_seconds: float):
+    q = tables.queue
+    return (
+        update(q)
+        .where(q.c.claim_token == token, q.c.status == IN_FLIGHT)
+        .values(locked_until=utcnow_plus(literal_column(str(float(lease_seconds)))))
+    )
+
+
 def renew(conn: Connection, tables: QueueTables, token: str, lease_seconds: float) -> int:
     """Extend the lease of this claim's rows; 0 means the claim is no longer ours."""
-    q = tables.queue
     with conn.begin():
-        return conn.execute(
-            update(q)
-            .where(q.c.claim_token == token, q.c.status == IN_FLIGHT)
-            .values(locked_until=utcnow_plus(literal_column(str(float(lease_seconds)))))
-        ).rowcount
+        return conn.execute(renew_statement(tables, token, lease_seconds)).rowcount
+
+
+def count_rerun(conn: Connection, tables: QueueTables, token: str, max_attempts: int) -> int:
+    """A send task run again because its worker died mid-send (Celery redelivers its message):
+    the lost run was an attempt. Without this a batch that kills its worker every time would
+    run forever, renewing its own lease. Rows whose attempts are spent fail; the others count
+    one more attempt. Returns the number of rows failed."""
+    q = tables.queue
+    mine = and_(q.c.claim_token == token, q.c.status == IN_FLIGHT)
+    with conn.begin():
+        failed = conn.execute(
+            update(q).where(mine, q.c.attempts >= max_attempts).values(
+                status=FAILED, claim_token=None, locked_until=None,
+                last_error=_gave_up(q, f"{max_attempts} attempts: the worker sending the "
+                                       "batch died (killed, out of memory or crashed); see the "
+                                       "worker log"))
+        ).rowcount  # fmt: skip
+        conn.execute(update(q).where(mine).values(attempts=q.c.attempts + 1))
+    return failed
 
 
 def defer_out_of_order(conn: Connection, tables: QueueTables, kind: str, token: str) -> int:
@@ -514,13 +580,18 @@ def defer_out_of_order(conn: Connection, tables: QueueTables, kind: str, token: 
     return len(ids)
 
 
-def load(conn: Connection, tables: QueueTables, token: str) -> list:
+def load_statement(tables: QueueTables, token: str):
     q = tables.queue
-    cols = [q.c[name] for name in ROW_COLUMNS]
+    return (
+        select(*(q.c[name] for name in ROW_COLUMNS))
+        .where(q.c.claim_token == token, q.c.status == IN_FLIGHT)
+        .order_by(q.c.id)
+    )
+
+
+def load(conn: Connection, tables: QueueTables, token: str) -> list:
     with conn.begin():
-        return conn.execute(
-            select(*cols).where(q.c.claim_token == token, q.c.status == IN_FLIGHT).order_by(q.c.id)
-        ).all()
+        return conn.execute(load_statement(tables, token)).all()
 
 
 # Failure classes that open every last_error (issue: operators filter and retry by class).
@@ -541,37 +612,37 @@ class Acknowledgement:
     retry: dict[tuple[float, bool, str], list[int]]
 
 
-def acknowledge(conn: Connection, tables: QueueTables, token: str, ack: Acknowledgement) -> int:
-    """Write the outcome of a claim. Only rows still holding `token` change, so a late or
-    duplicated send task cannot overwrite a newer claim. One statement per outcome (ids in
-    chunks), never one per row. Returns the number of rows changed."""
+def ack_statements(tables: QueueTables, token: str, ack: Acknowledgement) -> list:
+    """One UPDATE per outcome (ids in chunks), never one per row. Every statement is bounded
+    by the claim token, so a late or duplicated send task cannot overwrite a newer claim."""
     q = tables.queue
     mine = and_(q.c.claim_token == token, q.c.status == IN_FLIGHT)
-    changed = 0
+    statements = [
+        update(q).where(mine, q.c.id.in_(chunk)).values(
+            status=SENT, sent_at=utcnow(), claim_token=None, locked_until=None,
+            last_error=None, next_attempt_at=None)
+        for chunk in _chunks(ack.sent)
+    ]  # fmt: skip
+    for chunk in _chunks(sorted(ack.failed)):
+        reasons = case({i: ack.failed[i][:2000] for i in chunk}, value=q.c.id)
+        statements.append(update(q).where(mine, q.c.id.in_(chunk)).values(
+            status=FAILED, last_error=reasons, claim_token=None, locked_until=None))  # fmt: skip
+    for (delay, refund, reason), ids in ack.retry.items():
+        statements += [
+            update(q).where(mine, q.c.id.in_(chunk)).values(
+                status=PENDING, claim_token=None, locked_until=None,
+                next_attempt_at=utcnow_plus(literal_column(repr(float(delay)))),
+                attempts=q.c.attempts - 1 if refund else q.c.attempts,
+                last_error=reason[:2000])
+            for chunk in _chunks(sorted(ids))
+        ]  # fmt: skip
+    return statements
+
+
+def acknowledge(conn: Connection, tables: QueueTables, token: str, ack: Acknowledgement) -> int:
+    """Write the outcome of a claim in one transaction; returns the number of rows changed."""
     with conn.begin():
-        for chunk in _chunks(ack.sent):
-            changed += conn.execute(
-                update(q).where(mine, q.c.id.in_(chunk)).values(
-                    status=SENT, sent_at=utcnow(), claim_token=None, locked_until=None,
-                    last_error=None, next_attempt_at=None)
-            ).rowcount  # fmt: skip
-        failed_ids = sorted(ack.failed)
-        for chunk in _chunks(failed_ids):
-            reasons = case({i: ack.failed[i][:2000] for i in chunk}, value=q.c.id)
-            changed += conn.execute(
-                update(q).where(mine, q.c.id.in_(chunk)).values(
-                    status=FAILED, last_error=reasons, claim_token=None, locked_until=None)
-            ).rowcount  # fmt: skip
-        for (delay, refund, reason), ids in ack.retry.items():
-            for chunk in _chunks(sorted(ids)):
-                changed += conn.execute(
-                    update(q).where(mine, q.c.id.in_(chunk)).values(
-                        status=PENDING, claim_token=None, locked_until=None,
-                        next_attempt_at=utcnow_plus(literal_column(repr(float(delay)))),
-                        attempts=q.c.attempts - 1 if refund else q.c.attempts,
-                        last_error=reason[:2000])
-                ).rowcount  # fmt: skip
-    return changed
+        return sum(conn.execute(st).rowcount for st in ack_statements(tables, token, ack))
 
 
 def insert_rows(conn: Connection, tables: QueueTables, rows: Sequence[dict]) -> None:
@@ -592,7 +663,47 @@ def retry_failed(
     since: datetime | None = None,
     until: datetime | None = None,
 ) -> int:
+    """Put the selected failed rows back to pending as new: attempts and the first-attempt
+    clock (AMPSYNC_MAX_AGE_SECONDS) start again. Returns the number of rows."""
     q = tables.queue
+    where = _failed_where(q, kind, failure_class, since, until)
+    values = dict(status=PENDING, attempts=0, next_attempt_at=None, claim_token=None,
+                  locked_until=None, first_attempt_at=None)  # fmt: skip
+    with conn.begin():
+        return sum(
+            conn.execute(update(q).where(*where, *chunk).values(**values)).rowcount
+            for chunk in _id_filters(q, ids)
+        )
+
+
+# Amplitude drops a re-sent insert_id for 7 days only; after that a re-send may count twice.
+DEDUP_WINDOW_SECONDS = 7 * 24 * 3600
+
+
+def failed_first_tried_before(
+    conn: Connection,
+    tables: QueueTables,
+    seconds: float = DEDUP_WINDOW_SECONDS,
+    kind: str | None = None,
+    ids: Sequence[int] | None = None,
+    failure_class: str | None = "gave-up",
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> int:
+    """How many of the failed rows `retry_failed` would select were first tried over `seconds`
+    ago (by default outside Amplitude's dedup window)."""
+    q = tables.queue
+    where = _failed_where(q, kind, failure_class, since, until)
+    old = q.c.first_attempt_at < utcnow_plus(literal_column(str(-float(seconds))))
+    with conn.begin():
+        return sum(
+            conn.execute(select(func.count()).where(*where, old, *chunk)).scalar_one()
+            for chunk in _id_filters(q, ids)
+        )
+
+
+def _failed_where(q: Table, kind: str | None, failure_class: str | None,
+                  since: datetime | None, until: datetime | None) -> list:  # fmt: skip
     where = [q.c.status == FAILED]
     if kind:
         where.append(q.c.kind == _lit(kind))
@@ -602,18 +713,14 @@ def retry_failed(
         where.append(q.c.created_at >= since)
     if until:
         where.append(q.c.created_at < until)
-    values = dict(status=PENDING, attempts=0, next_attempt_at=None, claim_token=None,
-                  locked_until=None)  # fmt: skip
-    changed = 0
-    with conn.begin():
-        if ids:
-            for chunk in _chunks(list(ids)):
-                changed += conn.execute(
-                    update(q).where(*where, q.c.id.in_(chunk)).values(**values)
-                ).rowcount
-        else:
-            changed = conn.execute(update(q).where(*where).values(**values)).rowcount
-    return changed
+    return where
+
+
+def _id_filters(q: Table, ids: Sequence[int] | None) -> list[list]:
+    """One extra condition list per chunk of ids; no condition when ids is not given."""
+    if not ids:
+        return [[]]
+    return [[q.c.id.in_(chunk)] for chunk in _chunks(list(ids))]
 
 
 def status_counts(conn: Connection, tables: QueueTables) -> list[tuple[str, str, int]]:

@@ -1,0 +1,202 @@
+"""The queue table's statements on real databases: claim, order per user, lease, acknowledge."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import MARIADB_URL, PG_URL, event, identify
+from sqlalchemy import select, update
+
+from tasks import queue
+
+BACKENDS = {"postgresql": PG_URL, "mariadb": MARIADB_URL, "sqlite": None}
+
+
+@pytest.fixture(params=list(BACKENDS))
+def db(request, tmp_path):
+    url = BACKENDS[request.param] or f"sqlite:///{tmp_path / 'queue.db'}"
+    tables = queue.define_tables(f"tq_{uuid.uuid4().hex[:8]}")
+    engine = queue.make_engine(url)
+    queue.init_db(engine, tables)
+    yield engine, tables
+    with engine.begin() as conn:
+        for table in reversed(tables.metadata.sorted_tables):
+            table.drop(conn)
+    engine.dispose()
+
+
+def _insert(engine, tables, rows) -> list[int]:
+    with engine.begin() as conn:
+        queue.insert_rows(conn, tables, rows)
+        return list(conn.execute(select(tables.queue.c.id).order_by(tables.queue.c.id)).scalars())
+
+
+def _claimed_ids(engine, tables, token) -> list[int]:
+    q = tables.queue
+    with engine.connect() as conn:
+        return list(conn.execute(select(q.c.id).where(q.c.claim_token == token).order_by(q.c.id)).scalars())
+
+
+def test_init_db_is_safe_to_run_again_and_adds_only_what_is_missing(db):
+    engine, tables = db
+    # given an existing table (from the fixture); when init-db runs again, then nothing is done
+    assert queue.init_db(engine, tables) == []
+    with engine.connect() as conn:
+        assert queue.check_table(conn, tables) is None
+
+
+def test_a_later_row_of_a_user_waits_while_an_earlier_one_is_in_flight(db):
+    engine, tables = db
+    ids = _insert(engine, tables, [identify("user-a0001", {"n": 1}), identify("user-b0001", {"n": 1})])
+    with engine.connect() as conn:
+        first = queue.claim(conn, tables, "identify", 10, 60)
+    assert _claimed_ids(engine, tables, first.token) == ids
+    # given a new row for user a while a's first row is in flight, and one for a new user c
+    later = _insert(engine, tables, [identify("user-a0001", {"n": 2}), identify("user-c0001", {"n": 1})])[2:]
+    # when another claim runs
+    with engine.connect() as conn:
+        second = queue.claim(conn, tables, "identify", 10, 60)
+    # then only user c's row is claimed; user a's later row waits for the first
+    assert _claimed_ids(engine, tables, second.token) == [later[1]]
+
+
+def test_earlier_due_rows_of_a_user_travel_in_the_same_batch_in_id_order(db):
+    engine, tables = db
+    ids = _insert(engine, tables, [identify("user-a0001", {"n": n}) for n in range(3)])
+    with engine.connect() as conn:
+        claim = queue.claim(conn, tables, "identify", 10, 60)
+        rows = queue.load(conn, tables, claim.token)
+    assert [r.id for r in rows] == ids
+
+
+def test_a_row_backing_off_holds_back_later_rows_of_its_user_only(db):
+    engine, tables = db
+    ids = _insert(engine, tables, [identify("user-a0001", {"n": 1}), identify("user-a0001", {"n": 2}),
+                                   identify("user-b0001", {"n": 1})])  # fmt: skip
+    q = tables.queue
+    with engine.begin() as conn:  # the first row of user a failed transiently and waits
+        conn.execute(update(q).where(q.c.id == ids[0]).values(
+            next_attempt_at=queue.utcnow_plus(60)))  # fmt: skip
+    with engine.connect() as conn:
+        claim = queue.claim(conn, tables, "identify", 10, 60)
+    assert _claimed_ids(engine, tables, claim.token) == [ids[2]]
+
+
+def test_events_are_not_held_back_by_order(db):
+    engine, tables = db
+    ids = _insert(engine, tables, [event("user-a0001", "Viewed"), event("user-a0001", "Viewed")])
+    with engine.connect() as conn:
+        first = queue.claim(conn, tables, "event", 1, 60)
+        second = queue.claim(conn, tables, "event", 1, 60)
+    assert _claimed_ids(engine, tables, first.token) == [ids[0]]
+    assert _claimed_ids(engine, tables, second.token) == [ids[1]]
+
+
+def test_an_acknowledgement_from_a_claim_that_is_no_longer_current_changes_nothing(db):
+    engine, tables = db
+    ids = _insert(engine, tables, [identify("user-a0001", {"n": 1})])
+    with engine.connect() as conn:
+        stale = queue.claim(conn, tables, "identify", 10, 0.01)
+        time.sleep(0.05)
+        # given the lease expired and a sweep plus a new claim took the row
+        assert queue.sweep(conn, tables, max_attempts=12) == (0, 1)
+        current = queue.claim(conn, tables, "identify", 10, 60)
+        # when the old claim tries to renew and acknowledge
+        assert queue.renew(conn, tables, stale.token, 60) == 0
+        changed = queue.acknowledge(conn, tables, stale.token,
+                                    queue.Acknowledgement(sent=ids, failed={}, retry={}))  # fmt: skip
+    # then nothing changed: the row belongs to the current claim
+    assert changed == 0
+    assert _claimed_ids(engine, tables, current.token) == ids
+
+
+def test_a_row_whose_lease_keeps_expiring_fails_once_its_attempts_are_spent(db):
+    engine, tables = db
+    ids = _insert(engine, tables, [identify("user-a0001", {"n": 1})])
+    with engine.connect() as conn:
+        for _ in range(3):
+            assert queue.claim(conn, tables, "identify", 10, 0.01).rows == 1
+            time.sleep(0.05)
+            queue.sweep(conn, tables, max_attempts=3)
+    q = tables.queue
+    with engine.connect() as conn:
+        row = conn.execute(select(q.c.status, q.c.attempts, q.c.last_error).where(q.c.id == ids[0])).one()
+    assert row.status == "failed" and row.attempts == 3
+    assert row.last_error.startswith(f"{queue.GAVE_UP} 3 attempts: lease expired")
+
+
+def test_a_claim_that_raced_past_an_earlier_row_gives_its_row_back(db):
+    engine, tables = db
+    ids = _insert(engine, tables, [identify("user-a0001", {"n": 1}), identify("user-a0001", {"n": 2})])
+    q = tables.queue
+    # given the later row was claimed while the earlier one was (invisibly) locked elsewhere
+    token = uuid.uuid4().hex
+    with engine.begin() as conn:
+        conn.execute(update(q).where(q.c.id == ids[1]).values(
+            status="in_flight", claim_token=token, attempts=1,
+            locked_until=queue.utcnow_plus(60)))  # fmt: skip
+    # when its send task checks the order
+    with engine.connect() as conn:
+        deferred = queue.defer_out_of_order(conn, tables, "identify", token)
+        rows = queue.load(conn, tables, token)
+    # then the row goes back to pending, without spending its attempt
+    assert deferred == 1 and rows == []
+    with engine.connect() as conn:
+        row = conn.execute(select(q.c.status, q.c.attempts).where(q.c.id == ids[1])).one()
+    assert tuple(row) == ("pending", 0)
+
+
+@pytest.mark.parametrize("url", [PG_URL, MARIADB_URL], ids=["postgresql", "mariadb"])
+def test_concurrent_claims_never_take_the_same_row(url):
+    tables = queue.define_tables(f"tq_{uuid.uuid4().hex[:8]}")
+    engine = queue.make_engine(url, pool_size=8)
+    queue.init_db(engine, tables)
+    try:
+        _insert(engine, tables, [event(f"user-{n:05d}", "Viewed") for n in range(2000)])
+        barrier = threading.Barrier(6)
+
+        def claimer(_):
+            barrier.wait()
+            tokens = []
+            with engine.connect() as conn:
+                while (claim := queue.claim(conn, tables, "event", 50, 60)).rows:
+                    tokens.append(claim.token)
+            return tokens
+
+        with ThreadPoolExecutor(6) as pool:
+            tokens = [t for ts in pool.map(claimer, range(6)) for t in ts]
+        claimed = [i for t in tokens for i in _claimed_ids(engine, tables, t)]
+        assert len(claimed) == 2000 and len(set(claimed)) == 2000
+    finally:
+        with engine.begin() as conn:
+            for table in reversed(tables.metadata.sorted_tables):
+                table.drop(conn)
+        engine.dispose()
+
+
+def test_two_syncs_at_once_with_several_worker_processes_never_send_a_row_twice(make_stack):
+    # given two workers with two processes each, and 3000 rows of every kind
+    stack = make_stack(AMPSYNC_BATCH_SIZE="100", AMPSYNC_MAX_QUEUED_BATCHES="6")
+    stack.start_worker(concurrency=2)
+    stack.start_worker(concurrency=2)
+    rows = [event(f"user-{n % 700:05d}", "Viewed", {"n": n}) for n in range(2000)]
+    rows += [identify(f"user-{n % 300:05d}", {"$add": {"visits": 1}}) for n in range(1000)]
+    stack.insert(rows)
+    # when two syncs start at the same moment, and then the queue drains
+    from tasks import sync
+
+    first, second = sync.delay(), sync.delay()
+    claimed = first.get(timeout=30)["rows_claimed"] + second.get(timeout=30)["rows_claimed"]
+    assert stack.drain(timeout=120) == {"sent": 3000}
+    # then Amplitude received every row exactly once
+    counts = stack.state()["counts"]
+    assert claimed > 0
+    assert counts["events_unique"] == 3000 and counts["duplicates"] == 0
+    assert counts["events_received"] == 3000
+    visits = [u["user_properties"]["visits"] for u in stack.state()["users"].values()
+              if "visits" in u["user_properties"]]  # fmt: skip
+    assert sorted(set(visits)) == [3, 4] and sum(visits) == 1000
