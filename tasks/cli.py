@@ -118,6 +118,58 @@ def cmd_init_db(args) -> int:
     return 0
 
 
+# The database a server always has, to connect to while the target may not exist yet.
+_SERVER_DATABASE = {"mssql": "master", "postgresql": "postgres", "mysql": "information_schema",
+                    "mariadb": "information_schema"}
+
+
+def create_database_sql(dialect, name: str) -> tuple[str, str]:
+    """(query that returns a row when the database exists, statement that creates it)."""
+    quoted = dialect.identifier_preparer.quote_identifier(name)
+    literal = name.replace("'", "''")
+    if dialect.name == "mssql":
+        return (f"SELECT name FROM sys.databases WHERE name = N'{literal}'",
+                f"IF DB_ID(N'{literal}') IS NULL CREATE DATABASE {quoted}")  # fmt: skip
+    if dialect.name == "postgresql":
+        return (f"SELECT datname FROM pg_database WHERE datname = '{literal}'",
+                f"CREATE DATABASE {quoted}")  # fmt: skip
+    return (f"SELECT schema_name FROM information_schema.schemata WHERE schema_name = '{literal}'",
+            f"CREATE DATABASE IF NOT EXISTS {quoted}")  # fmt: skip
+
+
+def create_database(url: str) -> tuple[str, bool] | None:
+    """Create the database the URL names when its server lacks it; (name, created), or None for
+    SQLite (its file is created on first use). Safe to run on every start, also concurrently."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+
+    from . import queue
+
+    target = make_url(url)
+    backend = target.get_backend_name()
+    if backend == "sqlite" or not target.database:
+        return None
+    if backend not in _SERVER_DATABASE:
+        raise SettingsError(f"AMPSYNC_DATABASE_URL: --create-database does not support {backend}")
+    server_url = target.set(database=_SERVER_DATABASE[backend]).render_as_string(False)
+    # CREATE DATABASE may not run inside a transaction (SQL Server, PostgreSQL).
+    engine = queue.make_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    exists_sql, create_sql = create_database_sql(engine.dialect, target.database)
+    try:
+        with engine.connect() as conn:
+            if conn.exec_driver_sql(exists_sql).first():
+                return target.database, False
+            try:
+                conn.exec_driver_sql(create_sql)
+            except queue.SQLAlchemyError:
+                if conn.exec_driver_sql(exists_sql).first():  # another init created it first
+                    return target.database, False
+                raise
+            return target.database, True
+    finally:
+        engine.dispose()
+
+
 def cmd_run(args) -> int:
     from .broker import EmbeddedRedis
 
@@ -142,14 +194,16 @@ def cmd_run(args) -> int:
             embedded.stop()
 
 
-def worker_command(beat: bool = False, concurrency: int | None = None,
-                   loglevel: str = "INFO") -> list[str]:  # fmt: skip
+def worker_command(beat: bool = False, concurrency: int | None = None, loglevel: str = "INFO",
+                   beat_schedule_file: str | None = None) -> list[str]:  # fmt: skip
     from .celery_app import SEND_QUEUE, SYNC_QUEUE
 
     command = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-E",
                "-Q", f"{SYNC_QUEUE},{SEND_QUEUE}", "--loglevel", loglevel]  # fmt: skip
     if beat:
         command.append("-B")
+        if beat_schedule_file:  # where beat keeps its last-run times
+            command += ["--schedule", beat_schedule_file]
     if concurrency:
         command += ["--concurrency", str(concurrency)]
     return command
@@ -158,27 +212,35 @@ def worker_command(beat: bool = False, concurrency: int | None = None,
 def cmd_sync(args) -> int:
     from . import broker
     from .jobs import sync
+    from .progress import Progress
 
     s, tables, engine = _context()
     broker.check(s.celery_broker_url)
-    started_max = _max_id(engine, tables, args.kind) if args.wait else None
+    if args.wait:
+        started_max = _max_id(engine, tables, args.kind)
+        before = _counts_up_to(engine, tables, args.kind, started_max)
     summary = sync.delay(kind=args.kind).get(timeout=120)
     print(json.dumps(summary, indent=2, default=str))
     if not args.wait:
         return 0
+    # The bar follows the rows that were open when the sync was asked for.
+    total = before.get("pending", 0) + before.get("in_flight", 0)
+    bar = Progress(total)
     deadline = time.monotonic() + args.timeout
     while True:
         counts = _counts_up_to(engine, tables, args.kind, started_max)
         open_rows = counts.get("pending", 0) + counts.get("in_flight", 0)
-        print(f"\rsent {counts.get('sent', 0)}  failed {counts.get('failed', 0)}  "
-              f"open {open_rows}   ", end="", flush=True)  # fmt: skip
+        outcome = {name: max(0, counts.get(name, 0) - before.get(name, 0))
+                   for name in ("sent", "failed")}  # fmt: skip
         if open_rows == 0:
-            print()
+            bar.finish(total, **outcome)
             return 0
+        bar.update(max(0, total - open_rows), **outcome)
         if time.monotonic() > deadline:
-            print(f"\n{open_rows} rows still open after {args.timeout:g} s", file=sys.stderr)
+            bar.finish(max(0, total - open_rows), **outcome)
+            print(f"{open_rows} rows still open after {args.timeout:g} s", file=sys.stderr)
             return 1
-        time.sleep(1)
+        time.sleep(0.5)
 
 
 def _max_id(engine, tables, kind):

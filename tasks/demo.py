@@ -20,6 +20,8 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
+from .progress import Progress
+
 SEGMENTS = ["gold", "silver", "bronze", "churn-risk"]
 GROUPS = ["retail", "b2b", "vip"]
 INVALID_ROWS = 2
@@ -82,25 +84,26 @@ def run_demo(users: int = 300, keep: bool = False, timeout: float = 180) -> int:
     from .cli import worker_command
 
     log = open(folder / "worker.log", "wb")  # noqa: SIM115 - closed below
-    worker = subprocess.Popen(worker_command(beat=True, concurrency=2, loglevel="WARNING"),
+    worker = subprocess.Popen(worker_command(beat=True, concurrency=2, loglevel="WARNING",
+                                             beat_schedule_file=str(folder / "beat-schedule")),
                               env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     started = time.monotonic()
-    shown = -1
+    bar = Progress(len(rows), label="demo:")
     try:
         while True:
             counts = _counts(engine, tables)
-            done = counts.get("sent", 0) + counts.get("failed", 0)
-            if done != shown:
-                print(f"\rdemo: {done}/{len(rows)} rows finished", end="", flush=True)
-                shown = done
+            outcome = {name: counts.get(name, 0) for name in ("sent", "failed")}
+            done = sum(outcome.values())
             if done == len(rows):
+                bar.finish(done, **outcome)
                 break
+            bar.update(done, **outcome)
             if worker.poll() is not None or time.monotonic() - started > timeout:
-                print("\ndemo: the worker stopped or the queue did not drain; its log:")
+                bar.finish(done, **outcome)
+                print("demo: the worker stopped or the queue did not drain; its log:")
                 sys.stdout.write((folder / "worker.log").read_text(errors="replace")[-3000:])
                 return 1
             time.sleep(0.5)
-        print(f" in {time.monotonic() - started:.1f} s")
     finally:
         worker.terminate()
         try:

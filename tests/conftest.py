@@ -24,6 +24,9 @@ REDIS_URL = os.environ.get("AMPSYNC_TEST_REDIS", "redis://127.0.0.1:6379/7")
 PG_URL = os.environ.get("AMPSYNC_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MARIADB_URL = os.environ.get("AMPSYNC_TEST_MARIADB", "mysql+pymysql://root@127.0.0.1:3306/test")
 API_KEY = "test-api-key-123456"
+# The environment of a user who has set nothing (for commands run as subprocesses).
+CLEAN_ENV = {k: v for k, v in os.environ.items()
+             if not k.startswith(("AMPSYNC_", "AMPLITUDE_", "CELERY_"))}  # fmt: skip
 
 # The test process publishes to the same broker the workers consume.
 os.environ["CELERY_BROKER_URL"] = REDIS_URL
@@ -108,10 +111,9 @@ class Stack:
         log = Path(tempfile.mkstemp(prefix="ampsync-worker-", suffix=".log")[1])
         self.logs.append(log)
         env = {**os.environ, **self.env, **(extra_env or {})}
-        cmd = worker_command(beat=beat, concurrency=concurrency, loglevel="INFO")
+        cmd = worker_command(beat=beat, concurrency=concurrency, loglevel="INFO",
+                             beat_schedule_file=str(log.with_suffix(".beat")))  # fmt: skip
         cmd += ["-n", f"w{uuid.uuid4().hex[:6]}@%h"]
-        if beat:
-            cmd += ["--schedule", str(log.with_suffix(".beat"))]
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log.open("wb"),
                                 stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
         self.workers.append(proc)

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
-from conftest import API_KEY, PG_URL, REDIS_URL
+from conftest import API_KEY, CLEAN_ENV, PG_URL, REDIS_URL
 
 from tasks import settings
 
-CLEAN = {k: v for k, v in os.environ.items()
-         if not k.startswith(("AMPSYNC_", "AMPLITUDE_", "CELERY_"))}  # fmt: skip
-
 
 def run(args: list[str], env: dict[str, str], cwd) -> subprocess.CompletedProcess:
-    return subprocess.run(args, env={**CLEAN, **env}, cwd=cwd, capture_output=True, text=True,
+    return subprocess.run(args, env={**CLEAN_ENV, **env}, cwd=cwd, capture_output=True, text=True,
                           timeout=60)  # fmt: skip
 
 
