@@ -56,7 +56,8 @@ def _configure(s: settings_module.Settings) -> None:
         # Sync has its own queue so it starts within seconds behind any backlog of sends.
         task_queues=[Queue(SYNC_QUEUE), Queue(SEND_QUEUE)],
         task_default_queue=SEND_QUEUE,
-        task_routes={"ampsync.sync": {"queue": SYNC_QUEUE},
+        task_routes={"ampsync.sync": {"queue": SYNC_QUEUE}, "ampsync.prune": {"queue": SYNC_QUEUE},
+                     "ampsync.feed_run": {"queue": SYNC_QUEUE},
                      "ampsync.send_batch": {"queue": SEND_QUEUE}},  # fmt: skip
         worker_concurrency=s.worker_concurrency,
         worker_hijack_root_logger=True,
@@ -100,9 +101,12 @@ def _check_worker_start(**_kwargs) -> None:
 
 @signals.beat_init.connect
 def _check_beat_start(**_kwargs) -> None:
+    import beat_schedule
+
     from . import broker
 
     broker.check(settings_module.get().celery_broker_url)
+    beat_schedule.check_feeds()
 
 
 @signals.after_setup_logger.connect
@@ -113,6 +117,14 @@ def _log_format(logger: logging.Logger, **_kwargs) -> None:
 
     if logs.resolve() == "json":
         logs.use_json(logger)
+
+
+@signals.celeryd_init.connect
+def _json_warnings(**_kwargs) -> None:
+    from . import logs
+
+    if logs.resolve() == "json":
+        logs.json_warnings()
 
 
 @signals.celeryd_after_setup.connect

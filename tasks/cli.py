@@ -64,7 +64,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the demo's folder")
     p.set_defaults(func=cmd_demo)
 
-    args = parser.parse_args(argv)
+    p = sub.add_parser("feed", help="feeds: queue rows from a SQL query, sending only changes")
+    feed = p.add_subparsers(dest="feed_command", required=True, metavar="FEED_COMMAND")
+    f = feed.add_parser("run", help="run a feed now, in this process (it only enqueues rows)")
+    f.add_argument("name")
+    f.add_argument("--json", action="store_true", help="machine-readable output")
+    f.set_defaults(func=cmd_feed_run)
+    f = feed.add_parser("preview", help="what the next run would enqueue; writes nothing")
+    f.add_argument("name")
+    f.add_argument("--limit", type=int, default=20, help="rows shown (default 20, 0 = all)")
+    f.add_argument("--diff", action="store_true", help="old → new property values per id")
+    f.add_argument("--json", action="store_true", help="machine-readable output")
+    f.set_defaults(func=cmd_feed_preview)
+    f = feed.add_parser("list", help="the feeds of AMPSYNC_FEEDS_FILE and their last runs")
+    f.set_defaults(func=cmd_feed_list)
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "emulator":
+        # Everything after `emulator` is the emulator's own (argparse's REMAINDER refuses a
+        # first argument that starts with `-`, such as `--port`).
+        args.rest = argv[argv.index("emulator") + 1 :]
+    elif unknown:
+        parser.error("unrecognized arguments: " + " ".join(unknown))
     from .logs import configure
 
     configure(args.log_format)
@@ -313,6 +335,77 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     return run_demo(users=args.users, keep=args.keep)
+
+
+# --- feeds (tasks/feeds.py) --------------------------------------------------------------------
+
+
+def _feed_failed(exc: Exception) -> int:
+    print(f"ampsync: {exc}", file=sys.stderr)
+    return 2 if exc.__class__.__name__ == "FeedConfigError" else 1
+
+
+def cmd_feed_run(args) -> int:
+    from . import feeds
+
+    try:
+        result = feeds.run_feed(settings_module.get(), args.name)
+    except feeds.FeedError as exc:
+        return _feed_failed(exc)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+        return 0
+    print(result.summary())
+    for line in result.errors + ([f"note: {result.note}"] if result.note else []):
+        print(f"  {line}")
+    return 0
+
+
+def cmd_feed_preview(args) -> int:
+    from . import feeds
+
+    s = settings_module.get()
+    limit = args.limit or None
+    try:
+        plan = feeds.FeedRunner(s).preview(feeds.config_for(s).get(args.name))
+    except feeds.FeedError as exc:
+        return _feed_failed(exc)
+    if args.json:
+        print(json.dumps(feeds.plan_as_dict(plan, limit), indent=2, default=str))
+    else:
+        print(feeds.render_preview(plan, limit, diff=args.diff))
+    return 0
+
+
+def cmd_feed_list(args) -> int:
+    from . import feeds, queue
+
+    s = settings_module.get()
+    try:
+        config = feeds.config_for(s)
+    except feeds.FeedError as exc:
+        return _feed_failed(exc)
+    if not config.feeds:
+        print(f"no feeds: {config.path} does not exist or declares none (AMPSYNC_FEEDS_FILE)")
+        return 0
+    try:
+        runs = feeds.FeedRunner(s).status()
+    except (feeds.FeedError, queue.SQLAlchemyError) as exc:
+        runs = {}
+        print(f"(last runs unknown: {str(exc).splitlines()[0][:200]})")
+    for feed in config.feeds.values():
+        print(feeds.describe(feed))
+        last = runs.get(feed.name)
+        if last and last["last_error"]:
+            print(f"  last run {last['last_run_at']:%Y-%m-%d %H:%M:%S} UTC failed: "
+                  f"{last['last_error']}")  # fmt: skip
+        elif last and last["last_result"]:
+            r = last["last_result"]
+            print(f"  last run {last['last_run_at']:%Y-%m-%d %H:%M:%S} UTC: read "
+                  f"{r['rows_read']} rows, enqueued {r['rows_enqueued']}, {r['invalid']} invalid")  # fmt: skip
+        else:
+            print("  never run")
+    return 0
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from functools import cached_property
 
+import orjson
 from sqlalchemy import select, update
 
 from . import amplitude, payloads, queue
@@ -109,8 +110,9 @@ class Pipeline:
         s = self.settings
         result = SyncResult(run_id=uuid.uuid4().hex[:12])
         with self.engine.connect() as conn:
+            started = self._db_now(conn)
             result.expired_leases_failed, result.expired_leases_released = queue.sweep(
-                conn, self.tables, s.max_attempts
+                conn, self.tables, s.max_attempts, s.max_age_seconds
             )
             room = max(0, s.max_queued_batches - queued_batches)
             paused = {k: p for k in kinds if (p := self.pause_reason(conn, self.endpoint(k)))}
@@ -134,11 +136,18 @@ class Pipeline:
             result.more_due = bool(active) or any(
                 queue.has_due_rows(conn, self.tables, k) for k in kinds if k not in paused
             ) if room == 0 else False  # fmt: skip
+            queue.record_run(conn, self.tables, {
+                "run_id": result.run_id, "task": "sync", "kind": ",".join(kinds),
+                "started_at": started, "finished_at": queue.utcnow(),
+                "rows_claimed": result.rows_claimed, "requests": 0,
+                "error": "; ".join(f"{e} paused: {r}" for e, r in result.paused.items())[:2000] or None,
+            })  # fmt: skip
         return result
 
     # --- send ----------------------------------------------------------------------------------
 
-    def send(self, kind: str, token: str) -> SendResult:
+    def send(self, kind: str, token: str, rerun: bool = False, run_id: str = "") -> SendResult:
+        """Send a claimed batch; `rerun` when the task runs again after its worker died."""
         s = self.settings
         endpoint = self.endpoint(kind)
         result = SendResult(kind=kind, token=token, endpoint=endpoint)
@@ -148,12 +157,13 @@ class Pipeline:
             if queue.renew(conn, self.tables, token, s.lease_seconds) == 0:
                 result.stale = True  # another sync reclaimed these rows: send nothing
                 return result
+            given_up = queue.count_rerun(conn, self.tables, token, s.max_attempts) if rerun else 0
             result.deferred = queue.defer_out_of_order(conn, self.tables, kind, token)
             rows = queue.load(conn, self.tables, token)
             result.claimed = len(rows)
             t1 = clock()
-            builder = payloads.Builder(endpoint, s.min_id_length, s.max_future_seconds,
-                                       self._db_now(conn))  # fmt: skip
+            started = self._db_now(conn)
+            builder = payloads.Builder(endpoint, s.min_id_length, s.max_future_seconds, started)
             prepared = builder.prepare(rows)
             result.truncated = prepared.truncated
             attempts = {r.id: r.attempts for r in rows}
@@ -167,11 +177,18 @@ class Pipeline:
             else:
                 self._deliver(conn, endpoint, prepared.items, ack, attempts, result)
             t3 = clock()
-            queue.acknowledge(conn, self.tables, token, ack)
+            result.sent = len(ack.sent)
+            result.failed = len(ack.failed) + given_up
+            result.retried = sum(len(ids) for ids in ack.retry.values())
+            queue.acknowledge(conn, self.tables, token, ack, history={
+                "run_id": run_id or "manual", "task": "batch", "kind": kind, "claim_token": token,
+                "started_at": started, "finished_at": queue.utcnow(),
+                "rows_claimed": result.claimed, "rows_sent": result.sent,
+                "rows_failed": result.failed, "rows_retried": result.retried,
+                "requests": result.requests, "answers": orjson.dumps(result.answers).decode(),
+                "error": result.paused,
+            })  # fmt: skip
             t4 = clock()
-        result.sent = len(ack.sent)
-        result.failed = len(ack.failed)
-        result.retried = sum(len(ids) for ids in ack.retry.values())
         result.seconds = {"load": t1 - t0, "build": t2 - t1, "http": t3 - t2, "ack": t4 - t3}
         return result
 

@@ -69,11 +69,45 @@ def sync(self: AmpsyncTask, kind: str | None = None) -> dict:
 @app.task(name="ampsync.send_batch", base=AmpsyncTask, bind=True, ignore_result=False)
 def send_batch(self: AmpsyncTask, kind: str, token: str, run_id: str = "") -> dict:
     """Send one claimed batch and acknowledge every row of it."""
-    result = self.pipeline.send(kind, token)
+    # A message Celery hands back after the worker running it died comes marked redelivered.
+    rerun = bool((self.request.delivery_info or {}).get("redelivered"))
+    result = self.pipeline.send(kind, token, rerun=rerun, run_id=run_id)
     if result.stale:
         log.info("batch %s: claim no longer ours, nothing sent", token)
     else:
         log.info("batch %s (%s, run %s): %d sent, %d failed, %d retried in %d requests",
                  token, kind, run_id, result.sent, result.failed, result.retried,
                  result.requests)  # fmt: skip
+    return result.as_dict()
+
+
+@app.task(name="ampsync.prune", base=AmpsyncTask, bind=True, ignore_result=False)
+def prune(self: AmpsyncTask) -> dict:
+    """Delete old `sent` rows and run history (AMPSYNC_RETENTION_DAYS, AMPSYNC_HISTORY_DAYS)."""
+    s = self.pipeline.settings
+    with self.pipeline.engine.connect() as conn:
+        rows, runs = queue.prune(conn, self.pipeline.tables, s.sent_retention_days,
+                                 s.history_retention_days)  # fmt: skip
+    return {"sent_rows_deleted": rows, "history_rows_deleted": runs}
+
+
+@app.task(name="ampsync.feed_run", base=AmpsyncTask, bind=True, ignore_result=False)
+def feed_run(self: AmpsyncTask, name: str) -> dict:
+    """Run one feed of AMPSYNC_FEEDS_FILE: enqueue what changed; sending is sync's job."""
+    from . import feeds
+
+    pipeline = self.pipeline
+    try:
+        result = feeds.run_feed(pipeline.settings, name, engine=pipeline.engine)
+    except feeds.FeedConflict as exc:
+        log.info("%s", exc)  # the other run did this tick's work
+        return {"feed": name, "skipped": str(exc)}
+    except feeds.FeedError as exc:
+        log.error("%s", exc)
+        raise
+    log.info("%s", result.summary())
+    for error in result.errors:
+        log.warning("feed %s: %s", name, error)
+    if result.rows_enqueued:
+        sync.delay()  # deliver now rather than at the next scheduled sync
     return result.as_dict()

@@ -20,9 +20,9 @@ TEXT_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(name)s: %(message)
 
 # Attributes every LogRecord has; anything else on a record came from `extra=` (or Celery's
 # own `data`, which carries the task id, name and return value) and is kept as a field.
-_RECORD_ATTRIBUTES = frozenset(
-    vars(logging.LogRecord("", 0, "", 0, "", None, None))
-) | {"message", "asctime", "taskName"}
+_RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))).union(
+    {"message", "asctime", "taskName"}
+)
 
 
 def _current_task() -> dict[str, str]:
@@ -77,9 +77,17 @@ def use_json(logger: logging.Logger) -> None:
     formatter = JsonFormatter()
     for handler in logger.handlers:
         handler.setFormatter(formatter)
-    # Python warnings (Celery's SecurityWarning, deprecations) become log records too, so the
-    # stream stays one JSON object per line.
+
+
+def json_warnings() -> None:
+    """Python warnings (Celery's SecurityWarning, deprecations) as JSON lines on stderr, also
+    those raised before Celery has set up its logging."""
     logging.captureWarnings(True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    warnings_logger = logging.getLogger("py.warnings")
+    warnings_logger.handlers = [handler]
+    warnings_logger.propagate = False
 
 
 def configure(fmt: str | None = None) -> str:
@@ -87,11 +95,13 @@ def configure(fmt: str | None = None) -> str:
     fmt = resolve(fmt)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.set_name("ampsync-cli")
     root = logging.getLogger()
-    root.handlers = [handler]
+    # Replace only our own handler: a host process (pytest, a notebook) keeps its handlers.
+    root.handlers = [h for h in root.handlers if h.get_name() != "ampsync-cli"] + [handler]
     root.setLevel(logging.WARNING)
     logging.getLogger("ampsync").setLevel(logging.INFO)
     if fmt == "json":
-        logging.captureWarnings(True)
+        json_warnings()
     os.environ[ENV] = fmt
     return fmt

@@ -146,6 +146,7 @@ class QueueTables:
     metadata: MetaData
     queue: Table
     endpoints: Table
+    runs: Table
 
     @property
     def own_columns(self) -> list[str]:
@@ -207,7 +208,31 @@ def define_tables(table_name: str) -> QueueTables:
         Column("reason", Unicode(2000)),
         Column("updated_at", _TIME, nullable=False, server_default=utcnow()),
     )
-    return QueueTables(md, q, endpoints)
+    # Run history: one row per sync and per batch, so "what happened last night" is a query.
+    runs = Table(
+        f"{name}_runs",
+        md,
+        Column("id", _ID, primary_key=True, autoincrement=True),
+        Column("run_id", String(32), nullable=False),
+        Column("task", String(16), nullable=False),  # 'sync' or 'batch'
+        Column("kind", String(64)),  # a sync may cover every kind
+        Column("claim_token", String(32)),
+        Column("started_at", _TIME, nullable=False),
+        Column("finished_at", _TIME, nullable=False, server_default=utcnow()),
+        Column("rows_claimed", Integer, nullable=False, server_default=text("0")),
+        Column("rows_sent", Integer, nullable=False, server_default=text("0")),
+        Column("rows_failed", Integer, nullable=False, server_default=text("0")),
+        Column("rows_retried", Integer, nullable=False, server_default=text("0")),
+        Column("requests", Integer, nullable=False, server_default=text("0")),
+        Column("answers", Unicode(500)),  # HTTP status -> count, as JSON
+        Column("error", Unicode(2000)),
+    )
+    Index(f"ix_{name}_runs_finished", runs.c.finished_at)
+    Index(f"ix_{name}_runs_run_id", runs.c.run_id)
+    from .feeds import define_feed_tables  # feeds builds on this module
+
+    define_feed_tables(md, name)
+    return QueueTables(md, q, endpoints, runs)
 
 
 # --- engine ------------------------------------------------------------------------------------
@@ -330,8 +355,9 @@ def check_table(conn: Connection, tables: QueueTables) -> str | None:
         return f"queue table {tables.queue.fullname} does not exist: run `ampsync init-db`"
     present = {c["name"].lower() for c in insp.get_columns(q.name, schema=q.schema)}
     missing = [c.name for c in q.columns if c.name.lower() not in present]
-    if not insp.has_table(tables.endpoints.name, schema=q.schema):
-        missing.append(f"table {tables.endpoints.fullname}")
+    for own in (tables.endpoints, tables.runs):
+        if not insp.has_table(own.name, schema=q.schema):
+            missing.append(f"table {own.fullname}")
     if missing:
         return (
             f"queue table {q.fullname} lacks {', '.join(missing)}: run `ampsync init-db` "
@@ -639,10 +665,44 @@ def ack_statements(tables: QueueTables, token: str, ack: Acknowledgement) -> lis
     return statements
 
 
-def acknowledge(conn: Connection, tables: QueueTables, token: str, ack: Acknowledgement) -> int:
-    """Write the outcome of a claim in one transaction; returns the number of rows changed."""
+def acknowledge(conn: Connection, tables: QueueTables, token: str, ack: Acknowledgement,
+                history: dict | None = None) -> int:  # fmt: skip
+    """Write the outcome of a claim, and its run-history row, in one transaction; returns the
+    number of rows changed."""
     with conn.begin():
-        return sum(conn.execute(st).rowcount for st in ack_statements(tables, token, ack))
+        changed = sum(conn.execute(st).rowcount for st in ack_statements(tables, token, ack))
+        if history is not None:
+            conn.execute(tables.runs.insert().values(**history))
+        return changed
+
+
+def record_run(conn: Connection, tables: QueueTables, history: dict) -> None:
+    with conn.begin():
+        conn.execute(tables.runs.insert().values(**history))
+
+
+def prune(conn: Connection, tables: QueueTables, sent_days: float, history_days: float,
+          chunk: int = _IDS_PER_STATEMENT) -> tuple[int, int]:  # fmt: skip
+    """Delete `sent` rows and run history older than the given days, a chunk at a time so
+    no statement holds many locks (SQL Server escalates past ~5000). 0 days = keep."""
+    q, runs = tables.queue, tables.runs
+    deleted = [0, 0]
+    for n, (table, where, days) in enumerate((
+        (q, lambda: and_(q.c.status == SENT, q.c.sent_at < utcnow_plus(-sent_days * 86400)), sent_days),
+        (runs, lambda: runs.c.finished_at < utcnow_plus(-history_days * 86400), history_days),
+    )):  # fmt: skip
+        if not days:
+            continue
+        while True:
+            ids = select(table.c.id).where(where()).order_by(table.c.id).limit(chunk)
+            with conn.begin():
+                batch = list(conn.execute(ids).scalars())
+                if batch:
+                    conn.execute(table.delete().where(table.c.id.in_(batch)))
+            deleted[n] += len(batch)
+            if len(batch) < chunk:
+                break
+    return deleted[0], deleted[1]
 
 
 def insert_rows(conn: Connection, tables: QueueTables, rows: Sequence[dict]) -> None:

@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     lease_seconds: int = Field(300, ge=5, le=3000, alias="AMPSYNC_LEASE_SECONDS")
     batch_size: int | None = Field(None, ge=1, alias="AMPSYNC_BATCH_SIZE")
     max_attempts: int = Field(12, ge=1, le=1000, alias="AMPSYNC_MAX_ATTEMPTS")
+    # A pending row first tried longer ago than this fails instead of being sent: Amplitude
+    # deduplicates a re-sent insert_id for 7 days only, so 6 days keeps every re-send inside
+    # that window. 0 = no limit. At most ~23 days (SQL Server's DATEADD takes milliseconds).
+    max_age_seconds: int = Field(6 * 86400, ge=0, le=2_000_000, alias="AMPSYNC_MAX_AGE_SECONDS")
     # Backoff after a transient failure: base * 2**(attempts-1), capped, with ±50% jitter.
     backoff_base_seconds: float = Field(10.0, ge=0, alias="AMPSYNC_BACKOFF_BASE")
     backoff_max_seconds: float = Field(1800.0, ge=0, alias="AMPSYNC_BACKOFF_MAX")
@@ -79,10 +83,19 @@ class Settings(BaseSettings):
     # batches ahead of the workers, so every claim starts well within its lease.
     max_queued_batches: int = Field(8, ge=1, le=1000, alias="AMPSYNC_MAX_QUEUED_BATCHES")
 
+    # Retention: `sent` rows and run history older than this many days are deleted hourly,
+    # in small chunks. 0 keeps them forever.
+    sent_retention_days: float = Field(0, ge=0, alias="AMPSYNC_RETENTION_DAYS")
+    history_retention_days: float = Field(30, ge=0, alias="AMPSYNC_HISTORY_DAYS")
+
     # --- Celery ----------------------------------------------------------------------------
     celery_broker_url: str | None = Field(None, alias="CELERY_BROKER_URL")
     sync_interval: float = Field(60.0, gt=0, alias="AMPSYNC_SYNC_INTERVAL")
     worker_concurrency: int | None = Field(None, ge=1, le=256, alias="AMPSYNC_WORKER_CONCURRENCY")
+
+    # --- Feeds (tasks/feeds.py) ------------------------------------------------------------
+    # The TOML file declaring feeds, relative to the working directory; missing = no feeds.
+    feeds_file: str = Field("ampsync-feeds.toml", alias="AMPSYNC_FEEDS_FILE")
     # `json`: one JSON object per log line, for log shippers (tasks/logs.py).
     log_format: Literal["text", "json"] = Field("text", alias="AMPSYNC_LOG_FORMAT")
 

@@ -39,6 +39,7 @@ def collect(s: Settings, tables: queue.QueueTables, engine) -> dict:
         endpoints = conn.execute(
             select(e.c.endpoint, e.c.paused_until, e.c.failures, e.c.reason)
         ).all()
+        runs = last_runs(conn, tables, limit=5)
     by_kind: dict[str, dict[str, int]] = defaultdict(dict)
     for kind, status, n in counts:
         by_kind[kind][status] = n
@@ -55,11 +56,42 @@ def collect(s: Settings, tables: queue.QueueTables, engine) -> dict:
              "paused_until": until, "failures": failures, "reason": reason}
             for name, until, failures, reason in endpoints
         ],  # fmt: skip
+        "last_runs": runs,
         "common_errors": [{"error": err, "rows": n} for err, n in errors],
         "recent_failures": [
             {"id": i, "kind": k, "user_id": u, "error": err} for i, k, u, err in recent
         ],
     }
+
+
+def last_runs(conn, tables: queue.QueueTables, limit: int = 5) -> list[dict]:
+    """The latest syncs, each with what its batches did (run history)."""
+    r = tables.runs
+    syncs = conn.execute(
+        select(r.c.run_id, r.c.started_at, r.c.rows_claimed, r.c.error)
+        .where(r.c.task == "sync", r.c.rows_claimed > 0)
+        .order_by(r.c.id.desc())
+        .limit(limit)
+    ).all()
+    if not syncs:
+        return []
+    batches = {
+        run_id: (sent, failed, retried, finished)
+        for run_id, sent, failed, retried, finished in conn.execute(
+            select(r.c.run_id, func.sum(r.c.rows_sent), func.sum(r.c.rows_failed),
+                   func.sum(r.c.rows_retried), func.max(r.c.finished_at))
+            .where(r.c.task == "batch", r.c.run_id.in_([row.run_id for row in syncs]))
+            .group_by(r.c.run_id)
+        )
+    }  # fmt: skip
+    report = []
+    for run_id, started, claimed, error in syncs:
+        sent, failed, retried, finished = batches.get(run_id, (0, 0, 0, None))
+        report.append({"run_id": run_id, "started_at": started, "rows_claimed": claimed,
+                       "rows_sent": int(sent or 0), "rows_failed": int(failed or 0),
+                       "rows_retried": int(retried or 0), "finished_at": finished,
+                       "error": error})  # fmt: skip
+    return report
 
 
 def render(report: dict) -> str:
@@ -89,6 +121,11 @@ def render(report: dict) -> str:
                      f"{e['reason']}")  # fmt: skip
     if not paused:
         lines.append("endpoints: none paused")
+    if report.get("last_runs"):
+        lines += ["", "last runs (claimed / sent / failed / retried):"]
+        lines += [f"  {r['started_at']:%Y-%m-%d %H:%M:%S} {r['run_id']}  {r['rows_claimed']:>7} "
+                  f"{r['rows_sent']:>7} {r['rows_failed']:>7} {r['rows_retried']:>7}"
+                  for r in report["last_runs"]]  # fmt: skip
     if report["common_errors"]:
         lines += ["", "most common errors of failed rows:"]
         lines += [f"  {e['rows']:>6} × {e['error']}" for e in report["common_errors"]]

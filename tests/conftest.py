@@ -100,6 +100,7 @@ class Stack:
         with self.engine.begin() as conn:
             conn.execute(delete(self.tables.queue))
             conn.execute(delete(self.tables.endpoints))
+            conn.execute(delete(self.tables.runs))
         self.emulator.reset()
         self.emulator.set_faults(**DEFAULT_FAULTS)
 
