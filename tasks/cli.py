@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--class", dest="failure_class", default="gave-up",
                    choices=["gave-up", "rejected", "invalid", "all"],
                    help="which failures (default: gave-up, rows that ran out of attempts)")  # fmt: skip
+    p.add_argument("--since", type=_utc_time, metavar="TIME",
+                   help="only rows created at or after TIME (ISO 8601; UTC unless it has an "
+                   "offset), e.g. 2026-11-28T09:00")  # fmt: skip
+    p.add_argument("--until", type=_utc_time, metavar="TIME",
+                   help="only rows created before TIME")  # fmt: skip
     p.set_defaults(func=cmd_retry_failed)
 
     p = sub.add_parser("emulator", help="a local Amplitude-compatible server", add_help=False)
@@ -312,15 +317,31 @@ def _json_default(value):
     return str(value)
 
 
+def _utc_time(text: str) -> datetime:
+    """An ISO 8601 time as the naive UTC the queue table stores."""
+    from datetime import UTC
+
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time such as "
+                                         "2026-11-28T09:00") from None  # fmt: skip
+    return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo else value
+
+
 def cmd_retry_failed(args) -> int:
     from . import queue
 
     s, tables, engine = _context()
+    selection = dict(kind=args.kind, ids=args.ids, since=args.since, until=args.until,
+                     failure_class=None if args.failure_class == "all" else args.failure_class)  # fmt: skip
     with engine.connect() as conn:
-        n = queue.retry_failed(
-            conn, tables, kind=args.kind, ids=args.ids,
-            failure_class=None if args.failure_class == "all" else args.failure_class,
-        )  # fmt: skip
+        old = queue.failed_first_tried_before(conn, tables, queue.DEDUP_WINDOW_SECONDS, **selection)
+        n = queue.retry_failed(conn, tables, **selection)
+    if old:
+        print(f"warning: {old} of these rows were first tried over 7 days ago; Amplitude drops "
+              "a re-sent insert_id for 7 days only, so any of them that reached Amplitude then "
+              "will count twice", file=sys.stderr)  # fmt: skip
     print(f"{n} failed rows put back to pending")
     return 0
 

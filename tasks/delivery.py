@@ -136,6 +136,9 @@ class Pipeline:
             result.more_due = bool(active) or any(
                 queue.has_due_rows(conn, self.tables, k) for k in kinds if k not in paused
             ) if room == 0 else False  # fmt: skip
+            if not (result.rows_claimed or result.paused or result.expired_leases_released
+                    or result.expired_leases_failed):  # fmt: skip
+                return result  # an idle sync leaves no history
             queue.record_run(conn, self.tables, {
                 "run_id": result.run_id, "task": "sync", "kind": ",".join(kinds),
                 "started_at": started, "finished_at": queue.utcnow(),
@@ -185,7 +188,8 @@ class Pipeline:
                 "started_at": started, "finished_at": queue.utcnow(),
                 "rows_claimed": result.claimed, "rows_sent": result.sent,
                 "rows_failed": result.failed, "rows_retried": result.retried,
-                "requests": result.requests, "answers": orjson.dumps(result.answers).decode(),
+                "requests": result.requests, "values_truncated": result.truncated,
+                "answers": orjson.dumps(result.answers).decode(),
                 "error": result.paused,
             })  # fmt: skip
             t4 = clock()

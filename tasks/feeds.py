@@ -557,8 +557,8 @@ def source_statement(feed: Feed, dialect, first_run: bool = False) -> TextClause
     bounds: list[str] = []
     if feed.kind == "event":
         bounds = ["after"] if feed.cursor_mode == "overlap" else ["after", "before"]
-        if feed.cursor_mode == "overlap" and first_run:
-            bounds = []
+        if feed.cursor_mode == "overlap" and first_run and not feed.procedure:
+            bounds = []  # a procedure gets after = NULL instead
     if feed.procedure:
         names = list(feed.params) + bounds
         if dialect.name == "mssql":
@@ -609,7 +609,7 @@ def read_source(feed: Feed, engine: Engine, cursor: Cursor) -> SourceRows:
                 if feed.cursor_mode in _BOUND_SQL:
                     bound = int(conn.execute(text(_BOUND_SQL[feed.cursor_mode])).scalar_one())
                     params.update(after=cursor.position or 0, before=bound)
-                elif cursor.position is not None:
+                elif cursor.position is not None or feed.procedure:
                     params["after"] = cursor.lower_bound(feed.overlap or 0)
             statement = source_statement(feed, conn.dialect, first_run=cursor.position is None)
             result = conn.execute(statement, params)
@@ -729,6 +729,8 @@ class Cursor:
     def lower_bound(self, overlap: float):
         """The overlap window's start, in the type the source compares with."""
         value = self.position
+        if value is None:
+            return None
         if isinstance(value, datetime):
             start = value - timedelta(seconds=overlap)
             return start.isoformat(sep=self.text_sep) if self.text_sep else start

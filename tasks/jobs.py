@@ -42,7 +42,7 @@ class AmpsyncTask(Task):
 
 
 @app.task(name="ampsync.sync", base=AmpsyncTask, bind=True, ignore_result=False)
-def sync(self: AmpsyncTask, kind: str | None = None) -> dict:
+def sync(self: AmpsyncTask, kind: str | None = None, follow_up: bool = False) -> dict:
     """Claim due rows and fan them out as send_batch tasks; return a summary."""
     if kind is not None and kind not in queue.KINDS:
         raise ValueError(f"kind must be one of {', '.join(queue.KINDS)}, not {kind!r}")
@@ -53,14 +53,18 @@ def sync(self: AmpsyncTask, kind: str | None = None) -> dict:
     def enqueue(kind: str, token: str, run_id: str) -> None:
         send_batch.apply_async(args=(kind, token, run_id), queue=SEND_QUEUE)
 
+    if follow_up and redis is not None:
+        redis.delete(_FOLLOW_UP_KEY)  # this is the scheduled follow-up: the next may be set
     queued = redis.llen(SEND_QUEUE) if redis is not None else 0
     result = pipeline.sync(kinds, enqueue, queued)
+    # The key expires on its own should the follow-up message be lost.
     if (
         result.more_due
         and redis is not None
-        and redis.set(_FOLLOW_UP_KEY, result.run_id, nx=True, px=int(FOLLOW_UP_SECONDS * 2000))
+        and redis.set(_FOLLOW_UP_KEY, result.run_id, nx=True, px=int(FOLLOW_UP_SECONDS * 1000) + 10_000)
     ):
-        sync.apply_async(kwargs={"kind": kind}, countdown=FOLLOW_UP_SECONDS, queue=SYNC_QUEUE)
+        sync.apply_async(kwargs={"kind": kind, "follow_up": True}, countdown=FOLLOW_UP_SECONDS,
+                         queue=SYNC_QUEUE)  # fmt: skip
     log.info("sync %s: %d rows claimed in %d batches%s", result.run_id, result.rows_claimed,
              result.batches_enqueued, f"; paused {result.paused}" if result.paused else "")  # fmt: skip
     return result.as_dict()

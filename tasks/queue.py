@@ -224,6 +224,7 @@ def define_tables(table_name: str) -> QueueTables:
         Column("rows_failed", Integer, nullable=False, server_default=text("0")),
         Column("rows_retried", Integer, nullable=False, server_default=text("0")),
         Column("requests", Integer, nullable=False, server_default=text("0")),
+        Column("values_truncated", Integer, nullable=False, server_default=text("0")),
         Column("answers", Unicode(500)),  # HTTP status -> count, as JSON
         Column("error", Unicode(2000)),
     )

@@ -106,7 +106,7 @@ class Stack:
 
     # --- workers -----------------------------------------------------------------------------
     def start_worker(self, concurrency: int = 2, beat: bool = False, extra_env: dict | None = None,
-                     wait: bool = True) -> subprocess.Popen:  # fmt: skip
+                     wait: bool = True, queues: str | None = None) -> subprocess.Popen:  # fmt: skip
         from tasks.cli import worker_command
 
         log = Path(tempfile.mkstemp(prefix="ampsync-worker-", suffix=".log")[1])
@@ -115,6 +115,8 @@ class Stack:
         cmd = worker_command(beat=beat, concurrency=concurrency, loglevel="INFO",
                              beat_schedule_file=str(log.with_suffix(".beat")))  # fmt: skip
         cmd += ["-n", f"w{uuid.uuid4().hex[:6]}@%h"]
+        if queues:
+            cmd[cmd.index("-Q") + 1] = queues
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log.open("wb"),
                                 stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
         self.workers.append(proc)

@@ -1,0 +1,111 @@
+"""How `sync` fans out: only as much as workers can start within a lease, never waiting on its
+send tasks, and never stuck behind them."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from conftest import REDIS_URL, event, identify
+
+import beat_schedule
+from tasks import sync
+from tasks.broker import redis_client
+from tasks.celery_app import SEND_QUEUE, SYNC_QUEUE
+
+
+def _sync_only_worker(stack):
+    """A real worker that runs syncs but no sends: send tasks stay in the broker."""
+    return stack.start_worker(concurrency=1, queues=SYNC_QUEUE)
+
+
+def test_a_sync_claims_no_more_batches_than_workers_can_start_within_a_lease(make_stack):
+    # given 100 rows in batches of 10, room for 3 waiting batches, and no send worker yet
+    stack = make_stack(AMPSYNC_BATCH_SIZE="10", AMPSYNC_MAX_QUEUED_BATCHES="3")
+    _sync_only_worker(stack)
+    stack.insert([event(f"user-{n:05d}", "Viewed") for n in range(100)])
+    # when two syncs run while nothing sends
+    first = sync.delay().get(timeout=30)
+    second = sync.delay().get(timeout=30)
+    # then the first claims three batches, the second nothing, and the rest stays pending
+    assert (first["rows_claimed"], first["batches_enqueued"]) == (30, 3)
+    assert second["rows_claimed"] == 0 and second["more_due"] is True
+    assert stack.counts() == {"in_flight": 30, "pending": 70}
+    client = redis_client(REDIS_URL)
+    assert client.llen(SEND_QUEUE) == 3
+    # and the messages carry a claim token, never rows or the key
+    bodies = [json.loads(m)["body"] for m in client.lrange(SEND_QUEUE, 0, -1)]
+    headers = [json.loads(m)["headers"] for m in client.lrange(SEND_QUEUE, 0, -1)]
+    assert all(h["task"] == "ampsync.send_batch" for h in headers)
+    assert all(len(h["argsrepr"]) < 80 and "Viewed" not in h["argsrepr"] for h in headers)
+    assert all(stack.env["AMPLITUDE_API_KEY"] not in b for b in bodies)
+    # when a send worker comes, the syncs that follow up drain everything
+    stack.start_worker(concurrency=2)
+    assert stack.drain() == {"sent": 100}
+
+
+def test_sync_keeps_going_by_itself_while_due_rows_remain(make_stack):
+    # given more rows than one sync may claim, and a long beat interval (no beat running)
+    stack = make_stack(AMPSYNC_BATCH_SIZE="20", AMPSYNC_MAX_QUEUED_BATCHES="2")
+    stack.start_worker(concurrency=2)
+    stack.insert([identify(f"user-{n:05d}", {"n": n}) for n in range(200)])
+    # when one sync is started by hand
+    sync.delay().get(timeout=30)
+    # then follow-up syncs drain the queue without anyone calling sync again
+    deadline = time.monotonic() + 60
+    while stack.counts() != {"sent": 200} and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert stack.counts() == {"sent": 200}
+
+
+def test_a_sync_starts_while_a_backlog_of_slow_send_tasks_is_still_waiting(make_stack):
+    # given one worker process and six batches that each take a second to send
+    stack = make_stack(AMPSYNC_BATCH_SIZE="5", AMPSYNC_MAX_QUEUED_BATCHES="6")
+    stack.emulator.set_faults(latency_ms=1000)
+    stack.insert([event(f"user-{n:05d}", "Viewed") for n in range(30)])
+    stack.start_worker(concurrency=1)
+    assert sync.delay().get(timeout=30)["batches_enqueued"] == 6
+    # when another sync is asked for behind that backlog
+    sync.delay().get(timeout=30)
+    # then it ran before the backlog was through: most batches are still waiting
+    assert stack.counts().get("in_flight", 0) >= 15
+    stack.emulator.set_faults(latency_ms=0)
+    assert stack.drain() == {"sent": 30}
+
+
+def test_requests_respect_the_events_per_second_cap_shared_by_all_workers(make_stack):
+    # given a cap of 40 events/s and two workers
+    stack = make_stack(AMPSYNC_EVENTS_PER_SECOND="40")
+    stack.start_worker(concurrency=2)
+    stack.start_worker(concurrency=1)
+    stack.emulator.set_faults(max_events_per_request=40)  # a larger request would get a 413
+    stack.insert([event(f"user-{n:05d}", "Viewed") for n in range(120)])
+    started = time.monotonic()
+    assert stack.drain() == {"sent": 120}
+    # then no request carried more than a second's worth, and 120 events took 2 s at least
+    assert time.monotonic() - started >= 2.0
+    assert stack.state()["counts"]["requests"]["/batch"] == {"200": 3}
+
+
+def test_long_strings_are_cut_to_amplitudes_limit_and_the_cuts_are_counted(pg):
+    pg.insert([identify("user-00001", {"note": "x" * 3000, "ok": "short"})])
+    assert pg.drain() == {"sent": 1}
+    assert pg.state()["users"]["user-00001"]["user_properties"]["note"] == "x" * 1024
+    r = pg.tables.runs
+    from sqlalchemy import select
+
+    with pg.engine.connect() as conn:
+        cuts = conn.execute(select(r.c.values_truncated).where(r.c.task == "batch")).scalar_one()
+    assert cuts == 1
+
+
+def test_beat_runs_sync_every_interval_and_drops_ticks_it_could_not_run(monkeypatch):
+    monkeypatch.setenv("AMPSYNC_SYNC_INTERVAL", "42")
+    from tasks import settings
+
+    settings.get.cache_clear()
+    try:
+        entry = beat_schedule.schedule()["ampsync-sync"]
+    finally:
+        settings.get.cache_clear()
+    assert entry == {"task": "ampsync.sync", "schedule": 42.0, "options": {"expires": 42.0}}
