@@ -133,8 +133,14 @@ def cmd_init_db(args) -> int:
             print(f"database {created[0]}: " + ("created" if created[1] else "exists"))
     try:
         if args.print_sql:
-            with engine.connect() as conn:
-                ddl = queue.missing_ddl(conn, tables)
+            try:
+                with engine.connect() as conn:
+                    ddl = queue.missing_ddl(conn, tables)
+            except queue.SQLAlchemyError as exc:
+                # The DBA may apply it elsewhere: print everything, say why on stderr.
+                print(f"ampsync: {queue.describe_db_error(exc, s.database_url)}; printing the "
+                      "complete DDL", file=sys.stderr)  # fmt: skip
+                ddl = queue.create_ddl(tables)
             print(queue.compile_ddl(ddl, engine.dialect) or "-- nothing is missing", end="")
             print()
             return 0

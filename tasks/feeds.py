@@ -748,7 +748,8 @@ def _cursor_value(value: Any) -> tuple[int | datetime | None, str | None]:
     if isinstance(value, bytes | bytearray) and len(value) == 8:  # a SQL Server rowversion
         return int.from_bytes(value, "big"), None
     if isinstance(value, datetime):
-        return _utc_naive(value), None
+        # An aware time stays aware: it is bound back as such, whatever the session's zone.
+        return (value.astimezone(UTC) if value.tzinfo else value), None
     if isinstance(value, str):
         stripped = value.strip()
         if re.fullmatch(r"-?\d+", stripped):
@@ -1160,18 +1161,18 @@ class RunResult:
         return asdict(self)
 
     def summary(self) -> str:
-        parts = [f"feed {self.feed} ({self.kind}): read {self.rows_read} rows, enqueued "
+        parts = [f"feed {self.feed} ({self.kind}): read {_n(self.rows_read, 'row')}, enqueued "
                  f"{self.rows_enqueued}"]  # fmt: skip
         if self.first_id is not None:
             parts[0] += f" (queue ids {self.first_id}–{self.last_id})"
         if self.markers_enqueued:
-            parts.append(f"{self.markers_enqueued} marker events")
+            parts.append(_n(self.markers_enqueued, "marker event"))
         if self.failed_enqueued:
-            parts.append(f"{self.failed_enqueued} invalid events enqueued as failed")
+            parts.append(f"{_n(self.failed_enqueued, 'invalid event')} enqueued as failed")
         if self.invalid:
-            parts.append(f"{self.invalid} rows not sent (invalid)")
+            parts.append(f"{_n(self.invalid, 'row')} not sent (invalid)")
         if self.settled.get("not_delivered"):
-            parts.append(f"{self.settled['not_delivered']} earlier rows not delivered, "
+            parts.append(f"{_n(self.settled['not_delivered'], 'earlier row')} not delivered, "
                          "enqueued again where still changed")  # fmt: skip
         return "; ".join(parts) + f" in {self.seconds:.2f} s"
 
@@ -1221,10 +1222,12 @@ class FeedRunner:
         """What the next run would enqueue; writes nothing."""
         _, cursor = self._prepare(feed)
         source = read_source(feed, self._source(feed), cursor)
-        with self.engine.connect() as conn, conn.begin():
-            plan = self._plan(conn, feed, source, cursor)
-            conn.rollback()
-        return plan
+        with self.engine.connect() as conn:
+            transaction = conn.begin()
+            try:
+                return self._plan(conn, feed, source, cursor)
+            finally:
+                transaction.rollback()  # settling pending rows is only shown, never written
 
     def run(self, feed: Feed) -> RunResult:
         """Read the source and enqueue what changed, in one transaction with the feed's state
@@ -1370,9 +1373,9 @@ def render_preview(plan: Plan, limit: int | None = None, diff: bool = False) -> 
     feed = plan.feed
     shown = plan.planned if limit is None else plan.planned[:limit]
     out = [f"feed {feed.name} ({feed.kind}) from {mask_url(feed.source_url)}",
-           f"the next run would enqueue {len(plan.planned)} rows"
-           + (f" and {plan.markers} marker events" if plan.markers else "")
-           + f" from {plan.rows_read} rows read; {len(plan.invalid)} rows invalid"]  # fmt: skip
+           f"the next run would enqueue {_n(len(plan.planned), 'row')}"
+           + (f" and {_n(plan.markers, 'marker event')}" if plan.markers else "")
+           + f" from {_n(plan.rows_read, 'row')} read; {len(plan.invalid)} invalid"]  # fmt: skip
     if plan.settled.get("sent") or plan.settled.get("not_delivered"):
         out.append(f"earlier rows since confirmed: {plan.settled.get('sent', 0)} sent, "
                    f"{plan.settled.get('not_delivered', 0)} not delivered")  # fmt: skip
@@ -1437,6 +1440,10 @@ def _shown_payload(payload: dict | None, row: dict | None) -> dict | None:
 def _shown_row(row: dict) -> dict:
     return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items()
             if v is not None}  # fmt: skip
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 def _json(value: Any) -> str:

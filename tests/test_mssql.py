@@ -93,3 +93,25 @@ def test_an_acknowledgement_is_one_statement_per_outcome_not_per_row():
 def test_schema_qualified_names_keep_their_schema():
     sql = str(queue.compiled_claim(queue.define_tables("crm.amp_q"), "event", 5, 60, DIALECT))
     assert "UPDATE crm.amp_q SET" in sql and "FROM crm.amp_q AS candidate" in sql
+
+
+def test_init_db_print_sql_gives_a_dba_the_complete_tsql_when_the_server_is_out_of_reach(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import CLEAN_ENV
+
+    # given a SQL Server URL this machine cannot reach
+    env = {**CLEAN_ENV, "AMPSYNC_DATABASE_URL": "mssql+pymssql://sa:Secret1@127.0.0.1:1/dwh",
+           "AMPSYNC_QUEUE_TABLE": "dbo.amplitude_queue"}  # fmt: skip
+    # when the DDL is asked for
+    result = subprocess.run([sys.executable, "-m", "tasks.cli", "init-db", "--print-sql"], env=env,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
+    # then it prints every statement as T-SQL, and says why on stderr (password masked)
+    assert result.returncode == 0, result.stderr
+    assert "cannot reach the database at mssql+pymssql://sa:***@127.0.0.1:1/dwh" in result.stderr
+    statements = [s for s in result.stdout.split("\nGO\n") if s.strip()]
+    assert statements[0].startswith("CREATE TABLE dbo.amplitude_queue (")
+    assert any("dbo.amplitude_queue_runs" in s for s in statements)
+    for statement in statements:
+        parse(statement)
