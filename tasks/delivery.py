@@ -19,6 +19,7 @@ from functools import cached_property
 
 import orjson
 from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError
 
 from . import amplitude, payloads, queue
 from .amplitude import Verdict
@@ -183,7 +184,7 @@ class Pipeline:
             result.sent = len(ack.sent)
             result.failed = len(ack.failed) + given_up
             result.retried = sum(len(ids) for ids in ack.retry.values())
-            queue.acknowledge(conn, self.tables, token, ack, history={
+            self._acknowledge(conn, token, ack, history={
                 "run_id": run_id or "manual", "task": "batch", "kind": kind, "claim_token": token,
                 "started_at": started, "finished_at": queue.utcnow(),
                 "rows_claimed": result.claimed, "rows_sent": result.sent,
@@ -195,6 +196,20 @@ class Pipeline:
             t4 = clock()
         result.seconds = {"load": t1 - t0, "build": t2 - t1, "http": t3 - t2, "ack": t4 - t3}
         return result
+
+    def _acknowledge(self, conn, token: str, ack: queue.Acknowledgement, history: dict) -> None:
+        """Write the outcome; if the database dropped the connection while Amplitude answered,
+        once more on a new connection — else the rows would wait out their lease and go again
+        (applied twice through the form APIs, which deduplicate nothing)."""
+        try:
+            queue.acknowledge(conn, self.tables, token, ack, history=history)
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            log.warning("acknowledging batch %s again on a new connection: %s", token,
+                        str(exc.orig).strip().splitlines()[0][:200])  # fmt: skip
+            with self.engine.connect() as fresh:
+                queue.acknowledge(fresh, self.tables, token, ack, history=history)
 
     def _deliver(self, conn, endpoint: str, items: list[payloads.Prepared],
                  ack: queue.Acknowledgement, attempts: dict[int, int],

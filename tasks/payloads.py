@@ -155,6 +155,8 @@ class Builder:
         self._check_ids(row)
         if row.kind == "identify":
             ops = _operations(props, USER_OPERATIONS, "identify")
+            # Plain keys moved under $set sit one level deeper in what Amplitude checks.
+            self._check_tree(ops, "properties", 1)
             if not ops and not extra:
                 raise RowError("properties is empty: an identify row needs properties to set")
             if self.endpoint in FORM_ENDPOINTS:
@@ -184,6 +186,7 @@ class Builder:
             if not getattr(row, column):
                 raise RowError(f"{column} is empty: a group_identify row needs it")
         ops = _operations(props, GROUP_OPERATIONS, "group_identify")
+        self._check_tree(ops, "properties", 1)  # as for identify: $set adds a level
         if not ops:
             raise RowError("properties is empty: a group_identify row needs properties to set")
         return {"group_type": row.group_type, "group_value": row.group_value,

@@ -10,6 +10,7 @@ columns into scans.
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -376,15 +377,24 @@ class Claim:
     rows: int
 
 
-def _same_key(kind: str, later, earlier) -> ColumnElement:
-    """Rows of one user (device, group): the key whose order identify rows keep."""
+def _earlier_of_same_key(q: Table, kind: str, later, conditions) -> ColumnElement:
+    """An earlier row of `later`'s key (user, else device, else group) meets the conditions.
+
+    One EXISTS per kind of key, each a seek on its index (kind, key, id): an OR of the keys
+    inside one EXISTS made PostgreSQL scan every row of the kind per candidate (2-5 s per
+    claim of 2000 rows in 9000, measured), split it runs in milliseconds.
+    """
+    earlier = q.alias("earlier")
+    base = (earlier.c.kind == _lit(kind), earlier.c.id < later.c.id, *conditions(earlier))
     if kind == "group_identify":
-        return and_(earlier.c.group_type == later.c.group_type,
-                    earlier.c.group_value == later.c.group_value)
+        return exists().where(*base, earlier.c.group_type == later.c.group_type,
+                              earlier.c.group_value == later.c.group_value)  # fmt: skip
     return or_(
-        and_(later.c.user_id.is_not(None), earlier.c.user_id == later.c.user_id),
-        and_(later.c.user_id.is_(None), earlier.c.user_id.is_(None),
-             earlier.c.device_id == later.c.device_id),
+        and_(later.c.user_id.is_not(None),
+             exists().where(*base, earlier.c.user_id == later.c.user_id)),
+        and_(later.c.user_id.is_(None),
+             exists().where(*base, earlier.c.user_id.is_(None),
+                            earlier.c.device_id == later.c.device_id)),
     )  # fmt: skip
 
 
@@ -406,16 +416,10 @@ def claim_statement(tables: QueueTables, kind: str, limit: int, lease_seconds: f
         or_(candidate.c.next_attempt_at.is_(None), candidate.c.next_attempt_at <= now),
     )
     if kind in ORDERED_KINDS:
-        earlier = q.alias("earlier")
-        blocked = exists().where(
-            earlier.c.kind == _lit(kind),
-            _same_key(kind, candidate, earlier),
-            earlier.c.id < candidate.c.id,
-            or_(
-                earlier.c.status == IN_FLIGHT,
-                and_(earlier.c.status == PENDING, earlier.c.next_attempt_at > now),
-            ),
-        )
+        blocked = _earlier_of_same_key(q, kind, candidate, lambda earlier: (or_(
+            earlier.c.status == IN_FLIGHT,
+            and_(earlier.c.status == PENDING, earlier.c.next_attempt_at > now),
+        ),))  # fmt: skip
         due = and_(due, ~blocked)
     pick = (
         select(candidate.c.id)
@@ -502,8 +506,18 @@ def sweep_statements(tables: QueueTables, max_attempts: int, max_age_seconds: fl
         .where(expired, q.c.attempts < max_attempts)
         .values(status=PENDING, claim_token=None, locked_until=None)
     )
+    # No claim ever selects a kind it does not know: such a row would stay pending forever.
+    unknown_kind = (
+        update(q)
+        .where(q.c.status == PENDING, _unknown_kind(q))
+        .values(
+            status=FAILED,
+            last_error=literal_column(f"'{INVALID} kind '''") + q.c.kind
+            + literal_column(f"''' is not one of {', '.join(KINDS)}'"),
+        )
+    )  # fmt: skip
     if not max_age_seconds:
-        return give_up, release
+        return give_up, release, unknown_kind
     too_old = (
         update(q)
         .where(
@@ -518,17 +532,28 @@ def sweep_statements(tables: QueueTables, max_attempts: int, max_age_seconds: fl
                                    "first attempt"),
         )
     )  # fmt: skip
-    return give_up, release, too_old
+    return give_up, release, unknown_kind, too_old
+
+
+def _unknown_kind(q: Table) -> ColumnElement:
+    """kind is none of KINDS, written as the ranges between them: the claim index (kind, status,
+    id) answers with a few empty seeks instead of reading every pending row."""
+    known = sorted(KINDS)
+    return or_(
+        q.c.kind < _lit(known[0]),
+        *(and_(q.c.kind > _lit(a), q.c.kind < _lit(b)) for a, b in itertools.pairwise(known)),
+        q.c.kind > _lit(known[-1]),
+    )
 
 
 def sweep(conn: Connection, tables: QueueTables, max_attempts: int,
           max_age_seconds: float = 0) -> tuple[int, int]:  # fmt: skip
     """Run the sweep; returns (rows failed, rows released)."""
-    give_up, release, *too_old = sweep_statements(tables, max_attempts, max_age_seconds)
+    give_up, release, *unsendable = sweep_statements(tables, max_attempts, max_age_seconds)
     with conn.begin():
         failed = conn.execute(give_up).rowcount
         released = conn.execute(release).rowcount
-        failed += sum(conn.execute(statement).rowcount for statement in too_old)
+        failed += sum(conn.execute(statement).rowcount for statement in unsendable)
     return failed, released
 
 
@@ -581,20 +606,13 @@ def defer_out_of_order(conn: Connection, tables: QueueTables, kind: str, token: 
         return 0
     q = tables.queue
     mine = q.alias("mine")
-    earlier = q.alias("earlier")
-    blocked = (
-        select(mine.c.id)
-        .where(
-            mine.c.claim_token == token,
-            exists().where(
-                earlier.c.kind == _lit(kind),
-                _same_key(kind, mine, earlier),
-                earlier.c.id < mine.c.id,
-                earlier.c.status.in_([PENDING, IN_FLIGHT]),
-                or_(earlier.c.claim_token.is_(None), earlier.c.claim_token != token),
-            ),
-        )
-    )
+    blocked = select(mine.c.id).where(
+        mine.c.claim_token == token,
+        _earlier_of_same_key(q, kind, mine, lambda earlier: (
+            earlier.c.status.in_([PENDING, IN_FLIGHT]),
+            or_(earlier.c.claim_token.is_(None), earlier.c.claim_token != token),
+        )),
+    )  # fmt: skip
     with conn.begin():
         ids = list(conn.execute(blocked).scalars())
         for chunk in _chunks(ids):
