@@ -158,12 +158,16 @@ class Pipeline:
         clock = time.perf_counter
         t0 = clock()
         with self.engine.connect() as conn:
-            if queue.renew(conn, self.tables, token, s.lease_seconds) == 0:
-                result.stale = True  # another sync reclaimed these rows: send nothing
-                return result
             given_up = queue.count_rerun(conn, self.tables, token, s.max_attempts) if rerun else 0
-            result.deferred = queue.defer_out_of_order(conn, self.tables, kind, token)
-            rows = queue.load(conn, self.tables, token)
+            rows = queue.renew_and_load(conn, self.tables, token, s.lease_seconds)
+            if not rows:
+                result.stale = not given_up  # another sync reclaimed these rows: send nothing
+                result.failed = given_up
+                return result
+            deferred = queue.defer_out_of_order(conn, self.tables, kind, token)
+            if deferred:
+                rows = [r for r in rows if r.id not in deferred]
+            result.deferred = len(deferred)
             result.claimed = len(rows)
             t1 = clock()
             started = self._db_now(conn)
@@ -181,6 +185,7 @@ class Pipeline:
             else:
                 self._deliver(conn, endpoint, prepared.items, ack, attempts, result)
             t3 = clock()
+            ack.all_sent = len(ack.sent) == len(rows)
             result.sent = len(ack.sent)
             result.failed = len(ack.failed) + given_up
             result.retried = sum(len(ids) for ids in ack.retry.values())

@@ -154,6 +154,12 @@ class QueueTables:
         return [c.name for c in self.queue.columns if c.info.get("owner") == "ampsync"]
 
 
+def _partial(index: Index, where: ColumnElement) -> Index:
+    index.dialect_options["postgresql"]["where"] = where
+    index.dialect_options["sqlite"]["where"] = where
+    return index
+
+
 def _own(column: Column) -> Column:
     column.info["owner"] = "ampsync"
     return column
@@ -193,12 +199,18 @@ def define_tables(table_name: str) -> QueueTables:
     # Claim: equality on kind and status, then id order; sent rows sit in another part of the
     # index, so a table full of history does not slow the claim down.
     Index(f"ix_{name}_claim", q.c.kind, q.c.status, q.c.id)
-    Index(f"ix_{name}_lease", q.c.status, q.c.locked_until)
-    Index(f"ix_{name}_claim_token", q.c.claim_token)
+    # The others are partial where the database allows (PostgreSQL, SQLite): every claim,
+    # renewal and acknowledgement changes `status`, so each update writes every index the row
+    # is in; a row outside an index's predicate costs it nothing. Not on SQL Server: filtered
+    # indexes make every writer (the user's SQL too) need QUOTED_IDENTIFIER ON.
+    _partial(Index(f"ix_{name}_lease", q.c.status, q.c.locked_until), q.c.status == IN_FLIGHT)
+    _partial(Index(f"ix_{name}_claim_token", q.c.claim_token), q.c.claim_token.is_not(None))
     # Per-key order of identify / group_identify rows.
-    Index(f"ix_{name}_user", q.c.kind, q.c.user_id, q.c.id)
-    Index(f"ix_{name}_device", q.c.kind, q.c.device_id, q.c.id)
-    Index(f"ix_{name}_group", q.c.kind, q.c.group_type, q.c.group_value, q.c.id)
+    _partial(Index(f"ix_{name}_user", q.c.kind, q.c.user_id, q.c.id), q.c.kind == _lit("identify"))
+    _partial(Index(f"ix_{name}_device", q.c.kind, q.c.device_id, q.c.id),
+             and_(q.c.kind == _lit("identify"), q.c.user_id.is_(None)))  # fmt: skip
+    _partial(Index(f"ix_{name}_group", q.c.kind, q.c.group_type, q.c.group_value, q.c.id),
+             q.c.kind == _lit("group_identify"))  # fmt: skip
 
     endpoints = Table(
         f"{name}_endpoints",
@@ -580,6 +592,22 @@ def renew(conn: Connection, tables: QueueTables, token: str, lease_seconds: floa
         return conn.execute(renew_statement(tables, token, lease_seconds)).rowcount
 
 
+def renew_and_load(conn: Connection, tables: QueueTables, token: str,
+                   lease_seconds: float) -> list:  # fmt: skip
+    """Extend the lease and read the claim's rows in id order; [] when the claim is no longer
+    ours. One statement where UPDATE … RETURNING (OUTPUT) exists: the rows are read once."""
+    if conn.dialect.name in ("mysql", "mariadb"):
+        if not renew(conn, tables, token, lease_seconds):
+            return []
+        return load(conn, tables, token)
+    q = tables.queue
+    statement = renew_statement(tables, token, lease_seconds).returning(
+        *(q.c[name] for name in ROW_COLUMNS)
+    )
+    with conn.begin():
+        return sorted(conn.execute(statement).all(), key=lambda row: row[0])
+
+
 def count_rerun(conn: Connection, tables: QueueTables, token: str, max_attempts: int) -> int:
     """A send task run again because its worker died mid-send (Celery redelivers its message):
     the lost run was an attempt. Without this a batch that kills its worker every time would
@@ -599,11 +627,11 @@ def count_rerun(conn: Connection, tables: QueueTables, token: str, max_attempts:
     return failed
 
 
-def defer_out_of_order(conn: Connection, tables: QueueTables, kind: str, token: str) -> int:
+def defer_out_of_order(conn: Connection, tables: QueueTables, kind: str, token: str) -> set[int]:
     """Give back rows whose earlier same-key row is unfinished in another claim (two claims
     raced past each other); they keep their attempt and go out after that row."""
     if kind not in ORDERED_KINDS:
-        return 0
+        return set()
     q = tables.queue
     mine = q.alias("mine")
     blocked = select(mine.c.id).where(
@@ -622,7 +650,7 @@ def defer_out_of_order(conn: Connection, tables: QueueTables, kind: str, token: 
                 .values(status=PENDING, claim_token=None, locked_until=None,
                         attempts=q.c.attempts - 1)
             )  # fmt: skip
-    return len(ids)
+    return set(ids)
 
 
 def load_statement(tables: QueueTables, token: str):
@@ -655,6 +683,8 @@ class Acknowledgement:
     failed: dict[int, str]
     # (delay seconds, refund attempt, reason) -> ids
     retry: dict[tuple[float, bool, str], list[int]]
+    # Set by the sender when `sent` holds every row the claim still has.
+    all_sent: bool = False
 
 
 def ack_statements(tables: QueueTables, token: str, ack: Acknowledgement) -> list:
@@ -662,6 +692,10 @@ def ack_statements(tables: QueueTables, token: str, ack: Acknowledgement) -> lis
     by the claim token, so a late or duplicated send task cannot overwrite a newer claim."""
     q = tables.queue
     mine = and_(q.c.claim_token == token, q.c.status == IN_FLIGHT)
+    if ack.all_sent:  # the common case: one statement by claim token, no id list
+        return [update(q).where(mine).values(
+            status=SENT, sent_at=utcnow(), claim_token=None, locked_until=None,
+            last_error=None, next_attempt_at=None)]  # fmt: skip
     statements = [
         update(q).where(mine, q.c.id.in_(chunk)).values(
             status=SENT, sent_at=utcnow(), claim_token=None, locked_until=None,

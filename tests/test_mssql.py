@@ -69,6 +69,8 @@ def test_the_ddl_creates_the_queue_table_with_sql_server_types_and_parses_as_tsq
     ("acknowledge", lambda: queue.ack_statements(TABLES, TOKEN, queue.Acknowledgement(
         sent=[1, 2], failed={3: "invalid row: it's broken"},
         retry={(1.5, True, "will retry: HTTP 500"): [4], (30.0, False, "will retry: 429"): [5]}))),
+    ("acknowledge", lambda: queue.ack_statements(TABLES, TOKEN, queue.Acknowledgement(
+        sent=[1, 2], failed={}, retry={}, all_sent=True))),
 ])  # fmt: skip
 def test_send_side_statements_touch_only_the_claims_rows_and_parse_as_tsql(name, build):
     statements = build()
@@ -80,6 +82,12 @@ def test_send_side_statements_touch_only_the_claims_rows_and_parse_as_tsql(name,
             assert f"claim_token = '{TOKEN}'" in sql
         if name in ("acknowledge", "renew", "load"):
             assert "status = 'in_flight'" in sql
+
+
+def test_a_batch_that_was_all_sent_is_acknowledged_by_its_claim_token_alone():
+    ack = queue.Acknowledgement(sent=list(range(1, 2001)), failed={}, retry={}, all_sent=True)
+    (statement,) = queue.ack_statements(TABLES, TOKEN, ack)
+    assert " IN (" not in tsql(statement) and "status='sent'" in tsql(statement)
 
 
 def test_an_acknowledgement_is_one_statement_per_outcome_not_per_row():
