@@ -205,11 +205,13 @@ def define_tables(table_name: str) -> QueueTables:
     # indexes make every writer (the user's SQL too) need QUOTED_IDENTIFIER ON.
     _partial(Index(f"ix_{name}_lease", q.c.status, q.c.locked_until), q.c.status == IN_FLIGHT)
     _partial(Index(f"ix_{name}_claim_token", q.c.claim_token), q.c.claim_token.is_not(None))
-    # Per-key order of identify / group_identify rows.
-    _partial(Index(f"ix_{name}_user", q.c.kind, q.c.user_id, q.c.id), q.c.kind == _lit("identify"))
-    _partial(Index(f"ix_{name}_device", q.c.kind, q.c.device_id, q.c.id),
+    # Per-key order of identify / group_identify rows. The key leads: PostgreSQL leaves a
+    # column its partial predicate fixes out of the index condition, so a leading `kind`
+    # turned each lookup into a scan of the whole index (0.26 ms × 2000 per claim, measured).
+    _partial(Index(f"ix_{name}_user", q.c.user_id, q.c.kind, q.c.id), q.c.kind == _lit("identify"))
+    _partial(Index(f"ix_{name}_device", q.c.device_id, q.c.kind, q.c.id),
              and_(q.c.kind == _lit("identify"), q.c.user_id.is_(None)))  # fmt: skip
-    _partial(Index(f"ix_{name}_group", q.c.kind, q.c.group_type, q.c.group_value, q.c.id),
+    _partial(Index(f"ix_{name}_group", q.c.group_type, q.c.group_value, q.c.kind, q.c.id),
              q.c.kind == _lit("group_identify"))  # fmt: skip
 
     endpoints = Table(
