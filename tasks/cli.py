@@ -217,6 +217,8 @@ def cmd_run(args) -> int:
         print(f"embedded Redis at {env['CELERY_BROKER_URL']}")
     command = worker_command(beat=True, concurrency=args.concurrency)
     child = subprocess.Popen(command, env=env)
+    # A SIGTERM (docker stop, systemd) must stop the worker and the embedded Redis too.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return child.wait()
     except KeyboardInterrupt:
@@ -225,6 +227,10 @@ def cmd_run(args) -> int:
     finally:
         if embedded:
             embedded.stop()
+
+
+def _interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
 
 
 def worker_command(beat: bool = False, concurrency: int | None = None, loglevel: str = "INFO",

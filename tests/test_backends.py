@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import redis
 from conftest import (
     API_KEY,
     CLEAN_ENV,
@@ -93,6 +94,10 @@ def test_sqlite_with_the_embedded_redis_delivers_every_kind_through_ampsync_run(
     # then every valid row is sent, through a Redis that ampsync started itself
     assert "embedded Redis at redis+socket://" in output
     check_delivered(counts, emu.snapshot(), expected)
+    # and stopping `ampsync run` stopped that Redis too
+    socket = output.split("embedded Redis at redis+socket://")[1].split()[0]
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis(unix_socket_path=socket).ping()
     engine.dispose()
 
 
