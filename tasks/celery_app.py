@@ -20,8 +20,6 @@ SEND_QUEUE = "ampsync.send"
 
 app = Celery("ampsync")
 
-_s = settings_module.get()
-
 
 def _configure(s: settings_module.Settings) -> None:
     # The longest a message may legitimately stay unacknowledged: a send task runs at most
@@ -73,7 +71,12 @@ def _beat_schedule() -> dict:
     return beat_schedule.schedule()
 
 
-_configure(_s)
+try:
+    _configure(settings_module.get())
+except settings_module.SettingsError:
+    # Importing `tasks` must not fail on a bad setting: the CLI, the worker's start-up check
+    # and the first publish read the settings again and stop with the same one line.
+    pass
 
 
 @signals.celeryd_init.connect
