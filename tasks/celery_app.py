@@ -8,6 +8,7 @@ event carries an insert_id.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from celery import Celery, signals
@@ -71,12 +72,10 @@ def _beat_schedule() -> dict:
     return beat_schedule.schedule()
 
 
-try:
+# Importing `tasks` must not fail on a bad setting: the CLI, the worker's start-up check and
+# the first publish read the settings again and stop with the same one line.
+with contextlib.suppress(settings_module.SettingsError):
     _configure(settings_module.get())
-except settings_module.SettingsError:
-    # Importing `tasks` must not fail on a bad setting: the CLI, the worker's start-up check
-    # and the first publish read the settings again and stop with the same one line.
-    pass
 
 
 @signals.celeryd_init.connect
