@@ -105,7 +105,7 @@ class Pipeline:
     # --- sync ----------------------------------------------------------------------------------
 
     def sync(self, kinds: list[str], enqueue: Callable[[str, str, str], None],
-             queued_batches: int) -> SyncResult:  # fmt: skip
+             queued_batches: int, thorough: bool = True) -> SyncResult:  # fmt: skip
         """Sweep expired leases, then claim as many batches as workers can start within a lease
         and hand each to `enqueue(kind, token, run_id)`. Never waits on the send tasks."""
         s = self.settings
@@ -113,7 +113,7 @@ class Pipeline:
         with self.engine.connect() as conn:
             started = self._db_now(conn)
             result.expired_leases_failed, result.expired_leases_released = queue.sweep(
-                conn, self.tables, s.max_attempts, s.max_age_seconds
+                conn, self.tables, s.max_attempts, s.max_age_seconds, thorough
             )
             room = max(0, s.max_queued_batches - queued_batches)
             paused = {k: p for k in kinds if (p := self.pause_reason(conn, self.endpoint(k)))}

@@ -56,7 +56,9 @@ def sync(self: AmpsyncTask, kind: str | None = None, follow_up: bool = False) ->
     if follow_up and redis is not None:
         redis.delete(_FOLLOW_UP_KEY)  # this is the scheduled follow-up: the next may be set
     queued = redis.llen(SEND_QUEUE) if redis is not None else 0
-    result = pipeline.sync(kinds, enqueue, queued)
+    # Follow-ups come every FOLLOW_UP_SECONDS while a backlog drains: they skip the slow part
+    # of the sweep, which beat's and manual syncs still run.
+    result = pipeline.sync(kinds, enqueue, queued, thorough=not follow_up)
     # The key expires on its own should the follow-up message be lost.
     if (
         result.more_due

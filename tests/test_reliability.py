@@ -583,8 +583,8 @@ def test_an_invalid_api_key_pauses_sending_says_why_and_never_shows_the_key(make
     # given a worker configured with a key Amplitude rejects (it echoes the key in its 400)
     wrong_key = f"wrong-key-{uuid.uuid4().hex}"
     stack = make_stack(AMPLITUDE_API_KEY=wrong_key, AMPSYNC_BATCH_SIZE="50",
-                       AMPSYNC_LEASE_SECONDS=str(LEASE), AMPSYNC_PAUSE_BASE="1",
-                       AMPSYNC_PAUSE_MAX="2")  # fmt: skip
+                       AMPSYNC_LEASE_SECONDS=str(LEASE), AMPSYNC_PAUSE_BASE="3",
+                       AMPSYNC_PAUSE_MAX="6")  # fmt: skip
     work = Workload()
     work.insert(stack, 1000)
     stack.start_worker(concurrency=2)
