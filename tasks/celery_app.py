@@ -14,6 +14,7 @@ import logging
 from celery import Celery, signals
 from kombu import Queue
 
+from . import queue
 from . import settings as settings_module
 
 SYNC_QUEUE = "ampsync.sync"
@@ -45,9 +46,9 @@ def _configure(s: settings_module.Settings) -> None:
         worker_prefetch_multiplier=1,  # one unacked message per process
         worker_cancel_long_running_tasks_on_connection_loss=True,  # no task twice at once
         task_time_limit=task_time_limit,
-        # A margin of 10 s, or a fifth of a short lease (5 s → 4 s, not 1 s, which stopped
-        # every send slower than a second).
-        task_soft_time_limit=max(1, task_time_limit - min(10, task_time_limit // 5)),
+        # Inside the lease with a margin (5 s → 4 s, not 1 s, which stopped every send slower
+        # than a second); a send renews its lease when less than this is left.
+        task_soft_time_limit=queue.send_time_limit(s.lease_seconds),
         # Flower: task events from workers, and "sent" events for queued tasks.
         worker_send_task_events=True,
         task_send_sent_event=True,

@@ -96,6 +96,9 @@ class Row:
     created_at: datetime
 
 
+_ROW_FIELDS = len(Row.__dataclass_fields__)  # a loaded row may carry more columns after these
+
+
 def epoch_ms(value: datetime) -> int:
     return calendar.timegm(value.utctimetuple()) * 1000 + value.microsecond // 1000
 
@@ -113,7 +116,7 @@ class Builder:
     def prepare(self, rows: Sequence[Any]) -> Prepare:
         result = Prepare()
         for raw in rows:
-            row = raw if isinstance(raw, Row) else Row(*raw)
+            row = raw if isinstance(raw, Row) else Row(*raw[:_ROW_FIELDS])
             try:
                 payload = self.payload(row)
                 blob = _dumps(payload, row)

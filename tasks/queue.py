@@ -597,39 +597,29 @@ def renew(conn: Connection, tables: QueueTables, token: str, lease_seconds: floa
         return conn.execute(renew_statement(tables, token, lease_seconds)).rowcount
 
 
+def send_time_limit(lease_seconds: float) -> int:
+    """How long a send task may run (Celery's soft time limit): inside its lease, with a margin
+    for the acknowledgement."""
+    return max(1, int(lease_seconds - min(10, lease_seconds // 5)))
+
+
 def renew_and_load(conn: Connection, tables: QueueTables, token: str,
                    lease_seconds: float) -> list:  # fmt: skip
-    """Extend the lease and read the claim's rows in id order; [] when the claim is no longer
-    ours. One statement where UPDATE … RETURNING (OUTPUT) exists: the rows are read once."""
-    if conn.dialect.name in ("mysql", "mariadb"):
-        if not renew(conn, tables, token, lease_seconds):
-            return []
-        return load(conn, tables, token)
-    q = tables.queue
-    statement = renew_statement(tables, token, lease_seconds).returning(
-        *(q.c[name] for name in ROW_COLUMNS)
-    )
-    with conn.begin():
-        return sorted(conn.execute(statement).all(), key=lambda row: row[0])
+    """The claim's rows in id order, their lease renewed; [] when the claim is no longer ours.
 
-
-def count_rerun(conn: Connection, tables: QueueTables, token: str, max_attempts: int) -> int:
-    """A send task run again because its worker died mid-send (Celery redelivers its message):
-    the lost run was an attempt. Without this a batch that kills its worker every time would
-    run forever, renewing its own lease. Rows whose attempts are spent fail; the others count
-    one more attempt. Returns the number of rows failed."""
+    The lease is written only when what is left would not cover a send of the longest allowed
+    time (the message waited in the broker): every UPDATE writes a new version of each row and
+    its index entries, and a renewal nobody needs was a third of the database's writes per row.
+    """
     q = tables.queue
-    mine = and_(q.c.claim_token == token, q.c.status == IN_FLIGHT)
+    left = literal_column(str(float(send_time_limit(lease_seconds))))
+    short = (q.c.locked_until < utcnow_plus(left)).label("short")
     with conn.begin():
-        failed = conn.execute(
-            update(q).where(mine, q.c.attempts >= max_attempts).values(
-                status=FAILED, claim_token=None, locked_until=None,
-                last_error=_gave_up(q, f"{max_attempts} attempts: the worker sending the "
-                                       "batch died (killed, out of memory or crashed); see the "
-                                       "worker log"))
-        ).rowcount  # fmt: skip
-        conn.execute(update(q).where(mine).values(attempts=q.c.attempts + 1))
-    return failed
+        rows = conn.execute(load_statement(tables, token).add_columns(short)).all()
+    if rows and any(row.short for row in rows):
+        with conn.begin():
+            conn.execute(renew_statement(tables, token, lease_seconds))
+    return rows
 
 
 def defer_out_of_order(conn: Connection, tables: QueueTables, kind: str, token: str) -> set[int]:
