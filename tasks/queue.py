@@ -622,6 +622,25 @@ def renew_and_load(conn: Connection, tables: QueueTables, token: str,
     return rows
 
 
+def count_rerun(conn: Connection, tables: QueueTables, token: str, max_attempts: int) -> int:
+    """A send task run again because its worker died mid-send (Celery redelivers its message):
+    the lost run was an attempt. Without this a batch that kills its worker every time would
+    run forever, renewing its own lease. Rows whose attempts are spent fail; the others count
+    one more attempt. Returns the number of rows failed."""
+    q = tables.queue
+    mine = and_(q.c.claim_token == token, q.c.status == IN_FLIGHT)
+    with conn.begin():
+        failed = conn.execute(
+            update(q).where(mine, q.c.attempts >= max_attempts).values(
+                status=FAILED, claim_token=None, locked_until=None,
+                last_error=_gave_up(q, f"{max_attempts} attempts: the worker sending the "
+                                       "batch died (killed, out of memory or crashed); see the "
+                                       "worker log"))
+        ).rowcount  # fmt: skip
+        conn.execute(update(q).where(mine).values(attempts=q.c.attempts + 1))
+    return failed
+
+
 def defer_out_of_order(conn: Connection, tables: QueueTables, kind: str, token: str) -> set[int]:
     """Give back rows whose earlier same-key row is unfinished in another claim (two claims
     raced past each other); they keep their attempt and go out after that row."""
