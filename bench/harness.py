@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -56,6 +55,7 @@ def machine_facts(database_url: str) -> dict[str, str]:
     import sqlalchemy
 
     facts["celery / sqlalchemy"] = f"{celery.__version__} / {sqlalchemy.__version__}"
+    facts["code"] = _git_state()
     if database_url.startswith("postgresql"):
         from sqlalchemy import create_engine, text
 
@@ -74,6 +74,19 @@ def machine_facts(database_url: str) -> dict[str, str]:
         info = redis.Redis.from_url("redis://127.0.0.1:6379/0").info("server")
         facts["redis"] = str(info.get("redis_version"))
     return facts
+
+
+def _git_state() -> str:
+    """The commit measured, and whether tasks/ had uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "tasks", "beat_schedule.py"],
+                               cwd=ROOT, text=True, capture_output=True).stdout.split("\n")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no git)"
+    changed = sorted(line[3:] for line in dirty if line.strip())
+    return head + (f" + uncommitted changes in {', '.join(changed)}" if changed else "")
 
 
 # --- rows --------------------------------------------------------------------------------------
@@ -179,9 +192,11 @@ def stop_group(proc: subprocess.Popen, timeout: float = 20) -> None:
         proc.wait(10)
 
 
-def ampsync_command() -> list[str]:
-    exe = shutil.which("ampsync")
-    return [exe] if exe else [sys.executable, "-m", "tasks.cli"]
+def emulator_command() -> list[str]:
+    """`ampsync emulator`, run as the emulator module's own entry point: the same `main()`.
+    (`ampsync emulator --port P` itself stops with "unrecognized arguments: --port": its
+    subparser's argparse.REMAINDER does not take arguments that start with a dash.)"""
+    return [sys.executable, "-m", "tasks.emulator"]
 
 
 @dataclass
@@ -203,7 +218,7 @@ class EmulatorProcess:
 
     @property
     def command(self) -> list[str]:
-        return [*ampsync_command(), "emulator", "--port", str(self.port),
+        return [*emulator_command(), "--port", str(self.port),
                 "--latency-ms", f"{self.latency_ms:g}", *self.FLAGS]  # fmt: skip
 
     def start(self) -> None:
@@ -308,16 +323,20 @@ class Sampler:
     and go (PostgreSQL backends, pool restarts) are counted."""
 
     def __init__(self, worker_pid: int, emulator_pid: int, redis_client, send_queue: str,
-                 database: str, period: float = 0.25) -> None:  # fmt: skip
+                 backend_pids: Callable[[], set[int]] | None = None,
+                 period: float = 0.25) -> None:  # fmt: skip
         self.worker_pid = worker_pid
         self.emulator_pid = emulator_pid
         self.redis = redis_client
         self.send_queue = send_queue
-        self.database = database
+        # PostgreSQL is shared with other users of the machine: only the worker's backends
+        # (found by application_name) count as this pipeline's database CPU.
+        self.backend_pids = backend_pids
         self.period = period
         self.peak_rss: dict[int, int] = {}  # pid -> bytes
         self.role: dict[int, str] = {}
-        self.queue_depth: list[int] = []
+        self.queue_depth: list[int] = []  # send tasks waiting in the broker
+        self.held: list[int] = []  # tasks delivered to the worker and not yet acknowledged
         self._first: dict[tuple[str, int], float] = {}
         self._last: dict[tuple[str, int], float] = {}
         self._procs: dict[tuple[str, int], psutil.Process] = {}
@@ -326,6 +345,7 @@ class Sampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="bench-sampler")
         self._refreshed = 0.0
+        self._at_start: dict[int, float] = {}  # CPU seconds of PostgreSQL processes at start
         self.started = self.stopped = 0.0
 
     def _refresh(self) -> None:
@@ -339,8 +359,16 @@ class Sampler:
                 self.role.setdefault(c.pid, "pool")
         with contextlib.suppress(psutil.Error):
             stages["emulator"] = [psutil.Process(self.emulator_pid)]
-        if self.database == "postgresql":
-            stages["database"] = _find(lambda n: n.startswith("postgres"))
+        if self.backend_pids is not None:
+            with contextlib.suppress(Exception):
+                mine = self.backend_pids()
+                postgres = _find(lambda n: n.startswith("postgres"))
+                stages["database"] = [p for p in postgres if p.pid in mine]
+                # WAL writer, checkpointer, autovacuum: shared, but mostly this run's writes.
+                stages["database background"] = [
+                    p for p in postgres
+                    if p.pid not in mine and not re.search(r"postgres: \S+: \S+ \S+ [\d.]+\(", " ".join(p.cmdline()))
+                ]
         # SQLite runs inside the worker processes: its CPU is the worker's.
         stages["broker"] = _find(lambda n: n.startswith("redis-server"), lambda c: ":6379" in c)
         for stage, procs in stages.items():
@@ -349,7 +377,7 @@ class Sampler:
 
     def _sample(self) -> None:
         now = time.monotonic()
-        if now - self._refreshed > 2:
+        if now - self._refreshed > 0.5:
             self._refresh()
             self._refreshed = now
         for key, p in list(self._procs.items()):
@@ -361,10 +389,17 @@ class Sampler:
             except psutil.Error:
                 self._procs.pop(key, None)
                 continue
-            self._first.setdefault(key, cpu)
+            if key not in self._first:
+                # Counted from its CPU at the start, or from zero when it was born since
+                # (a PostgreSQL backend is known to be the worker's only once it shows its
+                # application_name, so every PostgreSQL process is noted at the start).
+                self._first[key] = self._at_start.get(p.pid, 0.0)
             self._last[key] = cpu
         with contextlib.suppress(Exception):
-            self.queue_depth.append(int(self.redis.llen(self.send_queue)))
+            # acks_late: a task stays in kombu's `unacked` hash while reserved or running.
+            waiting, held = self.redis.pipeline().llen(self.send_queue).hlen("unacked").execute()
+            self.queue_depth.append(int(waiting))
+            self.held.append(int(held))
         self._machine1 = psutil.cpu_times()
 
     def _run(self) -> None:
@@ -374,6 +409,9 @@ class Sampler:
 
     def start(self) -> None:
         self._refresh()
+        for p in [*_find(lambda n: n.startswith("postgres")), *self._procs.values()]:
+            with contextlib.suppress(psutil.Error):
+                self._at_start[p.pid] = _cpu(p)
         self._refreshed = time.monotonic()
         self._sample()
         self._machine0 = psutil.cpu_times()
@@ -383,6 +421,7 @@ class Sampler:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+        self._refreshed = 0.0  # find processes born since the last refresh
         self._sample()
         self.stopped = time.monotonic()
 
@@ -393,7 +432,10 @@ class Sampler:
         m0, m1 = self._machine0, self._machine1
         total = sum(m1) - sum(m0)
         idle = (m1.idle - m0.idle) + (getattr(m1, "iowait", 0) - getattr(m0, "iowait", 0))
+        ours = sum(out.values())
         out["machine (all processes)"] = (total - idle) / (os.cpu_count() or 1)
+        # CPU this benchmark did not cause (other users of a shared machine): noise to report.
+        out["other processes"] = max(0.0, total - idle - ours)
         return out
 
     def worker_rss(self) -> tuple[int, int]:
@@ -410,34 +452,34 @@ class Sampler:
 # --- results of the tasks ----------------------------------------------------------------------
 
 _SUCCEEDED = re.compile(r"Task (ampsync\.\w+)\[([0-9a-f-]+)\] succeeded in ([0-9.e+-]+)s")
+_FAILED = re.compile(r"Task (ampsync\.\w+)\[([0-9a-f-]+)\] raised unexpected: (.{0,200})")
 
 
-def task_results(redis_client) -> tuple[list[dict], list[dict]]:
-    """(send_batch results, sync results) from the Celery result backend (ignore_result=False
-    on both tasks, so every run's results sit in the benchmark's own Redis database)."""
-    sends, syncs = [], []
+def task_results(redis_client) -> dict[str, dict]:
+    """Every task's result by task id, from the Celery result backend (both tasks keep their
+    results, ignore_result=False, in the benchmark's own Redis database)."""
+    out: dict[str, dict] = {}
     keys = list(redis_client.scan_iter(match="celery-task-meta-*", count=1000))
     for start in range(0, len(keys), 500):
         for raw in redis_client.mget(keys[start : start + 500]):
-            if not raw:
-                continue
-            meta = json.loads(raw)
-            result = meta.get("result")
-            if meta.get("status") != "SUCCESS" or not isinstance(result, dict):
-                continue
-            (sends if "token" in result else syncs).append(result)
-    return sends, syncs
+            meta = json.loads(raw) if raw else {}
+            if meta.get("status") == "SUCCESS" and isinstance(meta.get("result"), dict):
+                out[meta["task_id"]] = meta["result"]
+    return out
 
 
-def task_runtimes(log_path: Path) -> dict[str, list[float]]:
-    """Seconds each task ran, as the worker logged it ("Task … succeeded in Xs")."""
-    out: dict[str, list[float]] = {}
+def task_runtimes(log_path: Path) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """Seconds each task ran by task name and id, as the worker logged it
+    ("Task ampsync.send_batch[id] succeeded in 0.05s: …"), and the errors tasks raised."""
+    out: dict[str, dict[str, float]] = {}
+    errors: list[str] = []
     with log_path.open(errors="replace") as f:
         for line in f:
-            m = _SUCCEEDED.search(line)
-            if m:
-                out.setdefault(m.group(1), []).append(float(m.group(3)))
-    return out
+            if m := _SUCCEEDED.search(line):
+                out.setdefault(m.group(1), {})[m.group(2)] = float(m.group(3))
+            elif m := _FAILED.search(line):
+                errors.append(f"{m.group(1)}: {m.group(3)}")
+    return out, errors
 
 
 def run_dir(label: str) -> Path:
