@@ -617,8 +617,7 @@ def renew_and_load(conn: Connection, tables: QueueTables, token: str,
     with conn.begin():
         rows = conn.execute(load_statement(tables, token).add_columns(short)).all()
     if rows and any(row.short for row in rows):
-        with conn.begin():
-            conn.execute(renew_statement(tables, token, lease_seconds))
+        renew(conn, tables, token, lease_seconds)
     return rows
 
 

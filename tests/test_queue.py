@@ -200,3 +200,26 @@ def test_two_syncs_at_once_with_several_worker_processes_never_send_a_row_twice(
     visits = [u["user_properties"]["visits"] for u in stack.state()["users"].values()
               if "visits" in u["user_properties"]]  # fmt: skip
     assert sorted(set(visits)) == [3, 4] and sum(visits) == 1000
+
+
+def test_a_send_renews_its_lease_only_when_what_is_left_would_not_cover_it(db):
+    engine, tables = db
+    ids = _insert(engine, tables, [event("user-a0001", "Viewed")])
+    q = tables.queue
+
+    def lease():
+        with engine.connect() as other:
+            return other.execute(select(q.c.locked_until)).scalar_one()
+
+    with engine.connect() as conn:
+        claim = queue.claim(conn, tables, "event", 10, 60)
+        stamped = lease()
+        # given a send task that starts right after the claim: the lease is left as it is
+        assert [r.id for r in queue.renew_and_load(conn, tables, claim.token, 60)] == ids
+        assert lease() == stamped
+        # given one whose message waited in the broker until 20 s of the lease were left
+        with conn.begin():
+            conn.execute(update(q).values(locked_until=queue.utcnow_plus(20)))
+        queue.renew_and_load(conn, tables, claim.token, 60)
+    # then that one renews the lease to a whole one
+    assert lease() > stamped
