@@ -193,10 +193,8 @@ def stop_group(proc: subprocess.Popen, timeout: float = 20) -> None:
 
 
 def emulator_command() -> list[str]:
-    """`ampsync emulator`, run as the emulator module's own entry point: the same `main()`.
-    (`ampsync emulator --port P` itself stops with "unrecognized arguments: --port": its
-    subparser's argparse.REMAINDER does not take arguments that start with a dash.)"""
-    return [sys.executable, "-m", "tasks.emulator"]
+    """`ampsync emulator`, through the interpreter running the benchmark."""
+    return [sys.executable, "-m", "tasks.cli", "emulator"]
 
 
 @dataclass

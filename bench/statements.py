@@ -42,9 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pg-url", default=os.environ.get("AMPSYNC_BENCH_PG",
                                                       "postgresql+psycopg://postgres@127.0.0.1:5432/test"))  # fmt: skip
     p.add_argument("--analyze", action="store_true", help="ANALYZE after loading (see run.py)")
-    p.add_argument("--claim", choices=["current", "proposed"], default="current",
-                   help="proposed: the claim this benchmark recommends (PostgreSQL), see "
-                        "proposed_claim()")  # fmt: skip
+    p.add_argument("--claim", choices=["current", "keyset", "proposed"], default="current",
+                   help="keyset: the current claim plus `id > highest id claimed before` (see "
+                        "KeysetClaim); proposed: an earlier sketch, see proposed_claim()")  # fmt: skip
+    p.add_argument("--overlap", action="store_true",
+                   help="hold a snapshot open on a second connection, renewed every 5 claims, "
+                        "as concurrent workers do (dead index entries then cannot be pruned)")  # fmt: skip
     p.add_argument("--skip-renew", action="store_true",
                    help="leave out the renew UPDATE (a fresh claim needs none)")
     p.add_argument("--keep", action="store_true")
@@ -83,9 +86,18 @@ def main(argv: list[str] | None = None) -> int:
             timings.setdefault(step, []).append((wall, db, py))
             return value
 
-        claim_fn = proposed_claim if args.claim == "proposed" else queue.claim
-        for _ in range(args.done_first // args.batch_size):
+        claim_fn = {"proposed": proposed_claim, "keyset": KeysetClaim(),
+                    "current": queue.claim}[args.claim]  # fmt: skip
+        overlap = Overlap(engine) if args.overlap else None
+        drain = args.done_first // args.batch_size
+        for n in range(drain):
+            if overlap:
+                overlap.tick()
+            t0 = time.perf_counter()
             done = claim_fn(conn, tables, args.kind, args.batch_size, lease)
+            if n % max(1, drain // 6) == 0 or n == drain - 1:
+                print(f"draining: claim after {n * args.batch_size:,} rows: "
+                      f"{1000 * (time.perf_counter() - t0):.0f} ms", flush=True)  # fmt: skip
             with conn.begin():
                 conn.execute(update(tables.queue).where(
                     tables.queue.c.claim_token == done.token).values(
@@ -93,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.in_flight):
             claim_fn(conn, tables, args.kind, args.batch_size, lease)
         for _ in range(args.cycles):
+            if overlap:
+                overlap.tick()
             claim = timed("claim", lambda: claim_fn(conn, tables, args.kind, args.batch_size, lease))
             if not claim.rows:
                 break
@@ -124,13 +138,15 @@ def main(argv: list[str] | None = None) -> int:
             timed("per sync: sweep", lambda: queue.sweep(conn, tables, s.max_attempts, max_age))
             timed("per sync: has_due_rows",
                   lambda: queue.has_due_rows(conn, tables, args.kind))  # fmt: skip
+    if overlap:
+        overlap.close()
     if not args.keep:
         drop_table(engine, name)
     engine.dispose()
     batch = args.batch_size
     print(f"{args.rows:,} {args.kind} rows on {args.db}, {args.in_flight} batches of {batch} in "
           f"flight, {args.preload_sent:,} sent rows before, {args.done_first:,} drained first, "
-          f"{args.claim} claim"
+          f"{args.claim} claim{', overlapping snapshot' if args.overlap else ''}"
           f"{', no renew' if args.skip_renew else ''}; {args.cycles} cycles (wall: median; CPU: mean)\n")  # fmt: skip
     print("| step | wall ms per batch | database CPU µs per row | Python CPU µs per row |")
     print("| --- | ---: | ---: | ---: |")
@@ -153,6 +169,56 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {step.removeprefix('per sync: ')} | {1000 * med[0]:.1f} | {1000 * med[1]:.1f} | "
               f"{1000 * med[2]:.1f} |")  # fmt: skip
     return 0
+
+
+class KeysetClaim:
+    """The claim of tasks/queue.py with a floor: only ids above the highest this claimer took
+    before. The index seek then starts past every row already claimed, whatever the planner's
+    statistics say and however many dead index entries the claimed rows left behind. In
+    ampsync the floor would be per kind, e.g. in Redis, dropped every minute and whenever a
+    claim comes back short, so that rows retried below it are reached again."""
+
+    def __init__(self) -> None:
+        self.floor = 0
+
+    def __call__(self, conn, tables, kind: str, limit: int, lease_seconds: float):
+        import uuid
+
+        from tasks import queue
+
+        token = uuid.uuid4().hex
+        pick, stamp = queue.claim_statement(tables, kind, limit, lease_seconds, token)
+        candidate = pick.get_final_froms()[0]
+        pick = pick.where(candidate.c.id > self.floor)
+        q = tables.queue
+        with conn.begin():
+            ids = list(conn.execute(
+                stamp.where(q.c.id.in_(pick.scalar_subquery())).returning(q.c.id)).scalars())  # fmt: skip
+        self.floor = max(ids, default=self.floor)
+        return queue.Claim(token, len(ids))
+
+
+class Overlap:
+    """A REPEATABLE READ snapshot on a second connection, renewed every 5 claims."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.conn = None
+        self.claims = 0
+
+    def tick(self) -> None:
+        if self.claims % 5 == 0:
+            self.close()
+            self.conn = self.engine.connect()
+            self.conn.exec_driver_sql("BEGIN ISOLATION LEVEL REPEATABLE READ")
+            self.conn.exec_driver_sql("SELECT 1")
+        self.claims += 1
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.rollback()
+            self.conn.close()
+            self.conn = None
 
 
 def proposed_claim(conn, tables, kind: str, limit: int, lease_seconds: float):

@@ -1,4 +1,5 @@
-"""One Markdown line per benchmark invocation, from the results.json files run.py writes.
+"""One Markdown line per benchmark invocation, from the results.json files run.py writes
+(code: the commit measured, + when tasks/ had uncommitted changes).
 
     python bench/summary.py bench/results/*/results.json
 """
@@ -36,7 +37,9 @@ def line(path: Path) -> str:
         return r["steady_rps"] / r["baseline_rps"] if r.get("baseline_rps") else float("nan")
 
     per_row = cpu("worker") + cpu("database") + cpu("database background") + cpu("broker")
-    return (f"| `{cmd}` | {len(runs)} | {_f(med('steady_rps'))} | {_f(med('drain_rps'))} | "
+    code = data["facts"].get("code", "?")
+    code = code.split(" ")[0] + ("+" if "uncommitted" in code else "")
+    return (f"| `{cmd}` | {code} | {len(runs)} | {_f(med('steady_rps'))} | {_f(med('drain_rps'))} | "
             f"{_f(med('baseline_rps'), 1)} | {_f(_median([ratio(r) for r in runs]))}× | "
             f"{_f(_median([1000 * r['stage_p50']['claim'] for r in runs]))} | "
             f"{_f(med('rss_pool_mb'))} / {_f(med('rss_main_mb'))} | "
@@ -46,10 +49,10 @@ def line(path: Path) -> str:
 
 
 HEADER = (
-    "| command (`python bench/run.py …`) | runs | rows/s steady | rows/s drain | baseline rows/s "
+    "| command (`python bench/run.py …`) | code | runs | rows/s steady | rows/s drain | baseline rows/s "
     "| steady ÷ baseline | claim ms/batch p50 | peak RSS MB pool / main | CPU µs per row "
     "worker / database / emulator | CPU-bound ceiling rows/s (2 cores) | other processes' CPU "
-    "(cores) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    "(cores) |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
 )
 
 
