@@ -67,10 +67,6 @@ class SyncResult:
         return asdict(self)
 
 
-class EndpointPaused(Exception):
-    pass
-
-
 class Pipeline:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

@@ -292,10 +292,6 @@ def make_engine(url: str, **kwargs) -> Engine:
     return engine
 
 
-class DatabaseUnavailable(RuntimeError):
-    pass
-
-
 def describe_db_error(exc: BaseException, url: str) -> str:
     first = str(getattr(exc, "orig", exc) or exc).strip().splitlines()[0][:300]
     return f"cannot reach the database at {settings_module.mask_url(url)}: {first}"
