@@ -43,8 +43,9 @@ def main(argv: list[str] | None = None) -> int:
                                                       "postgresql+psycopg://postgres@127.0.0.1:5432/test"))  # fmt: skip
     p.add_argument("--analyze", action="store_true", help="ANALYZE after loading (see run.py)")
     p.add_argument("--claim", choices=["current", "keyset", "proposed"], default="current",
-                   help="keyset: the current claim plus `id > highest id claimed before` (see "
-                        "KeysetClaim); proposed: an earlier sketch, see proposed_claim()")  # fmt: skip
+                   help="current: from the oldest due row, as a beat sync's first claim; keyset: "
+                        "with the floor follow-up syncs keep (KeysetClaim); proposed: an "
+                        "earlier sketch, see proposed_claim()")  # fmt: skip
     p.add_argument("--overlap", action="store_true",
                    help="hold a snapshot open on a second connection, renewed every 5 claims, "
                         "as concurrent workers do (dead index entries then cannot be pruned)")  # fmt: skip
@@ -172,30 +173,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class KeysetClaim:
-    """The claim of tasks/queue.py with a floor: only ids above the highest this claimer took
-    before. The index seek then starts past every row already claimed, whatever the planner's
-    statistics say and however many dead index entries the claimed rows left behind. In
-    ampsync the floor would be per kind, e.g. in Redis, dropped every minute and whenever a
-    claim comes back short, so that rows retried below it are reached again."""
+    """`queue.claim` with the floor follow-up syncs keep (`delivery.Pipeline.sync`): only ids
+    above the highest the previous full claim took, and from the oldest due row again after a
+    short claim. The index seek then starts past every row already claimed, whatever the
+    planner's statistics say and however many dead index entries the claimed rows left."""
 
     def __init__(self) -> None:
         self.floor = 0
 
     def __call__(self, conn, tables, kind: str, limit: int, lease_seconds: float):
-        import uuid
-
         from tasks import queue
 
-        token = uuid.uuid4().hex
-        pick, stamp = queue.claim_statement(tables, kind, limit, lease_seconds, token)
-        candidate = pick.get_final_froms()[0]
-        pick = pick.where(candidate.c.id > self.floor)
-        q = tables.queue
-        with conn.begin():
-            ids = list(conn.execute(
-                stamp.where(q.c.id.in_(pick.scalar_subquery())).returning(q.c.id)).scalars())  # fmt: skip
-        self.floor = max(ids, default=self.floor)
-        return queue.Claim(token, len(ids))
+        claim = queue.claim(conn, tables, kind, limit, lease_seconds, after_id=self.floor)
+        self.floor = claim.last_id if claim.rows == limit else 0
+        return claim
 
 
 class Overlap:

@@ -115,21 +115,29 @@ class Pipeline:
             paused = {k: p for k in kinds if (p := self.pause_reason(conn, self.endpoint(k)))}
             result.paused = {self.endpoint(k): reason for k, reason in paused.items()}
             active = [k for k in kinds if k not in paused]
+            floors = {k: 0 if thorough else self._claim_floor(k) for k in active}
             # Round-robin over kinds so a backlog of one kind does not starve the others.
             while room > 0 and active:
                 for kind in list(active):
                     if room == 0:
                         break
-                    claim = queue.claim(conn, self.tables, kind, self.batch_rows(kind),
-                                        s.lease_seconds)  # fmt: skip
+                    limit, floor = self.batch_rows(kind), floors[kind]
+                    claim = queue.claim(conn, self.tables, kind, limit, s.lease_seconds,
+                                        after_id=floor)  # fmt: skip
+                    # A short claim took everything above the floor: the next one starts at
+                    # the oldest due row again, where retried and released rows wait.
+                    floors[kind] = claim.last_id if claim.rows == limit else 0
                     if claim.rows == 0:
-                        active.remove(kind)
+                        if not floor:
+                            active.remove(kind)
                         continue
                     enqueue(kind, claim.token, result.run_id)
                     room -= 1
                     result.rows_claimed += claim.rows
                     result.batches_enqueued += 1
                     result.by_kind[kind] = result.by_kind.get(kind, 0) + claim.rows
+            for kind, floor in floors.items():
+                self._keep_claim_floor(kind, floor)
             result.more_due = bool(active) or any(
                 queue.has_due_rows(conn, self.tables, k) for k in kinds if k not in paused
             ) if room == 0 else False  # fmt: skip
@@ -312,6 +320,35 @@ class Pipeline:
     def _throttle_wait(self, endpoint: str) -> float:
         s = self.settings
         return s.throttle_wait_v2_seconds if endpoint == "http_v2" else s.throttle_wait_batch_seconds
+
+    # --- keyset floor of the claim (one Redis key per queue table and kind) -------------------
+
+    # Follow-up syncs claim past the highest id the previous full claim of the kind took
+    # (queue.claim_statement says why). A row that becomes due below the floor (a retry, a
+    # released lease, a row that waited for an earlier one of its user) is reached when a
+    # claim comes back short, at every beat or manual sync, which starts at the oldest due
+    # row, and at the latest when the floor expires: it is set with this lifetime and
+    # raised without renewing it, so a drain that never runs short restarts from the oldest
+    # due row once a minute.
+    CLAIM_FLOOR_SECONDS = 60
+
+    def _claim_floor_key(self, kind: str) -> str:
+        return f"ampsync:claim-floor:{self.settings.queue_table}:{kind}"
+
+    def _claim_floor(self, kind: str) -> int:
+        if self.redis is None:
+            return 0
+        return int(self.redis.get(self._claim_floor_key(kind)) or 0)
+
+    def _keep_claim_floor(self, kind: str, floor: int) -> None:
+        if self.redis is None:
+            return
+        key = self._claim_floor_key(kind)
+        if not floor:
+            self.redis.delete(key)
+        # Two chains may write in turn and lower the floor: that costs one longer seek, no row.
+        elif not self.redis.set(key, floor, xx=True, keepttl=True):
+            self.redis.set(key, floor, px=self.CLAIM_FLOOR_SECONDS * 1000)
 
     # --- shared rate limit ---------------------------------------------------------------------
 

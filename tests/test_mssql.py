@@ -123,3 +123,10 @@ def test_init_db_print_sql_gives_a_dba_the_complete_tsql_when_the_server_is_out_
     assert any("dbo.amplitude_queue_runs" in s for s in statements)
     for statement in statements:
         parse(statement)
+
+
+def test_a_claim_with_a_floor_seeks_past_it_and_still_parses_as_tsql():
+    sql = str(queue.compiled_claim(TABLES, "identify", 2000, 300, DIALECT, after_id=12345))
+    assert "candidate.id > 12345" in sql
+    assert "earlier.id < candidate.id" in sql  # the same-key check still looks below the floor
+    parse(sql)

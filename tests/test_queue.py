@@ -223,3 +223,19 @@ def test_a_send_renews_its_lease_only_when_what_is_left_would_not_cover_it(db):
         queue.renew_and_load(conn, tables, claim.token, 60)
     # then that one renews the lease to a whole one
     assert lease() > stamped
+
+
+@pytest.mark.parametrize(("after_id", "expected"), [(0, [0, 1, 2]), (2, [2, 3, 4]), (5, [])],
+                         ids=["no floor", "past two rows", "past every row"])  # fmt: skip
+def test_a_claim_with_a_floor_takes_only_rows_above_it_and_reports_the_highest_id(db, after_id, expected):
+    engine, tables = db
+    # given five due events
+    ids = _insert(engine, tables, [event(f"user-{n:05d}", "Viewed") for n in range(5)])
+    floor = ids[after_id - 1] if after_id else 0
+    # when three are claimed above the floor
+    with engine.connect() as conn:
+        claim = queue.claim(conn, tables, "event", 3, 60, after_id=floor)
+    # then the oldest rows above it are taken, and the claim names the highest
+    taken = [ids[i] for i in expected]
+    assert _claimed_ids(engine, tables, claim.token) == taken
+    assert (claim.rows, claim.last_id) == (len(taken), max(taken, default=0))

@@ -7,11 +7,13 @@ import json
 import time
 
 from conftest import REDIS_URL, event, identify
+from sqlalchemy import update
 
 import beat_schedule
-from tasks import sync
+from tasks import delivery, queue, sync
 from tasks.broker import redis_client
 from tasks.celery_app import SEND_QUEUE, SYNC_QUEUE
+from tasks.settings import Settings
 
 
 def _sync_only_worker(stack):
@@ -109,3 +111,79 @@ def test_beat_runs_sync_every_interval_and_drops_ticks_it_could_not_run(monkeypa
     finally:
         settings.get.cache_clear()
     assert entry == {"task": "ampsync.sync", "schedule": 42.0, "options": {"expires": 42.0}}
+
+
+class _Claims:
+    """A pipeline on the stack's database and Redis whose syncs only record what they claimed
+    (no worker: the send tasks are not the subject here)."""
+
+    def __init__(self, stack, batch_size: int) -> None:
+        self.stack = stack
+        self.pipeline = delivery.Pipeline(Settings(
+            AMPSYNC_DATABASE_URL=stack.url, AMPSYNC_QUEUE_TABLE=stack.table,
+            CELERY_BROKER_URL=REDIS_URL, AMPSYNC_BATCH_SIZE=str(batch_size)))  # fmt: skip
+        self.floor_key = self.pipeline._claim_floor_key("event")
+
+    def sync(self, batches: int, thorough: bool) -> list[list[int]]:
+        """One sync with room for `batches`; the ids of each batch it claimed, in order."""
+        tokens: list[str] = []
+        room = self.pipeline.settings.max_queued_batches - batches
+        self.pipeline.sync(["event"], lambda _k, token, _r: tokens.append(token), room, thorough)
+        rows = self.stack.rows()
+        by_token = {t: sorted(i for i, r in rows.items() if r["claim_token"] == t) for t in tokens}
+        return [by_token[t] for t in tokens]
+
+    def release(self, ids: list[int]) -> None:
+        """Give rows back as an expired lease's sweep would: due again, below the floor."""
+        q = self.stack.tables.queue
+        with self.stack.engine.begin() as conn:
+            conn.execute(update(q).where(q.c.id.in_(ids))
+                         .values(status=queue.PENDING, claim_token=None, locked_until=None))  # fmt: skip
+
+
+def test_follow_up_syncs_claim_past_the_last_full_batch_and_return_below_it_once_above_runs_out(make_stack):
+    # given 50 events claimed in batches of 10, the first two batches by a beat sync
+    stack = make_stack()
+    ids = stack.insert([event(f"user-{n:05d}", "Viewed") for n in range(50)])
+    claims = _Claims(stack, batch_size=10)
+    assert claims.sync(batches=2, thorough=True) == [ids[0:10], ids[10:20]]
+    # and the first batch's rows are due again (their lease expired)
+    claims.release(ids[0:10])
+    # when a follow-up sync claims four batches
+    batches = claims.sync(batches=4, thorough=False)
+    # then it continues past the floor, and only when nothing is left above it does it come
+    # back for the rows below
+    assert batches == [ids[20:30], ids[30:40], ids[40:50], ids[0:10]]
+    assert stack.counts() == {"in_flight": 50}
+
+
+def test_a_beat_sync_starts_at_the_oldest_due_row_whatever_the_floor(make_stack):
+    # given a floor past the first 20 of 40 events, and the first batch due again
+    stack = make_stack()
+    ids = stack.insert([event(f"user-{n:05d}", "Viewed") for n in range(40)])
+    claims = _Claims(stack, batch_size=10)
+    claims.sync(batches=2, thorough=True)
+    claims.release(ids[0:10])
+    # when beat's sync runs, then its first batch is the oldest due rows, then it goes on
+    assert claims.sync(batches=2, thorough=True) == [ids[0:10], ids[20:30]]
+
+
+def test_the_floor_expires_a_minute_after_it_was_set_however_often_it_is_raised(make_stack):
+    # given a follow-up sync that set the floor
+    stack = make_stack()
+    stack.insert([event(f"user-{n:05d}", "Viewed") for n in range(40)])
+    claims = _Claims(stack, batch_size=10)
+    claims.sync(batches=1, thorough=False)
+    redis = claims.pipeline.redis
+    assert int(redis.get(claims.floor_key)) > 0
+    first_ttl = redis.pttl(claims.floor_key)
+    assert 0 < first_ttl <= delivery.Pipeline.CLAIM_FLOOR_SECONDS * 1000
+    time.sleep(0.3)
+    # when the next follow-ups raise it
+    claims.sync(batches=1, thorough=False)
+    # then it is higher but its lifetime was not renewed
+    assert int(redis.get(claims.floor_key)) > 10
+    assert redis.pttl(claims.floor_key) <= first_ttl - 250
+    # and when a claim comes back short, the floor is gone
+    claims.sync(batches=3, thorough=False)
+    assert redis.get(claims.floor_key) is None
