@@ -157,15 +157,20 @@ def test_follow_up_syncs_claim_past_the_last_full_batch_and_return_below_it_once
     assert stack.counts() == {"in_flight": 50}
 
 
-def test_a_beat_sync_starts_at_the_oldest_due_row_whatever_the_floor(make_stack):
-    # given a floor past the first 20 of 40 events, and the first batch due again
+def test_once_the_floor_expires_the_next_sync_starts_at_the_oldest_due_row(make_stack):
+    # given a floor that lives a second, past the first 20 of 40 events, and the first batch
+    # due again
     stack = make_stack()
     ids = stack.insert([event(f"user-{n:05d}", "Viewed") for n in range(40)])
     claims = _Claims(stack, batch_size=10)
+    claims.pipeline.CLAIM_FLOOR_SECONDS = 1
     claims.sync(batches=2, thorough=True)
     claims.release(ids[0:10])
-    # when beat's sync runs, then its first batch is the oldest due rows, then it goes on
-    assert claims.sync(batches=2, thorough=True) == [ids[0:10], ids[20:30]]
+    # when a sync runs while the floor stands, then it claims above it
+    assert claims.sync(batches=1, thorough=True) == [ids[20:30]]
+    # when a sync runs after the floor expired, then it starts at the oldest due rows again
+    time.sleep(1.2)
+    assert claims.sync(batches=2, thorough=True) == [ids[0:10], ids[30:40]]
 
 
 def test_the_floor_expires_a_minute_after_it_was_set_however_often_it_is_raised(make_stack):
