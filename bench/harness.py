@@ -79,10 +79,10 @@ def machine_facts(database_url: str) -> dict[str, str]:
 
 
 def cpu_speed() -> float:
-    """Seconds for one core to run a fixed pure-Python loop. Two build machines that both report
-    "AMD EPYC" spent 22-28 and 58-60 µs of worker CPU per row on the same code and data
-    (bench/README.md): rows/s from two machines compare only through this figure, or through
-    ratios measured in the same invocation."""
+    """Seconds for one core to run a fixed pure-Python loop, at the start of the run: a rough
+    gauge of the machine at that moment (one shared build machine gave 0.40-1.65 s within an
+    hour). Across machines the emulator's CPU per row is the steadier yardstick: the same code
+    doing the same work in every run (bench/README.md)."""
     best = float("inf")
     for _ in range(3):
         started = time.perf_counter()
