@@ -232,7 +232,7 @@ class Pipeline:
         answers: Counter[str] = Counter()
         while work:
             request = work.pop()
-            held = [i for i in request if _keys(i) & waiting_keys]
+            held = [i for i in request if _keys(i) & waiting_keys] if waiting_keys else None
             if held:
                 self._retry(ack, [i.row_id for i in held], self._throttle_wait(endpoint),
                             refund=True, reason=f"{queue.RETRYING} an earlier row of this user "

@@ -630,7 +630,7 @@ def renew_and_load(conn: Connection, tables: QueueTables, token: str,
     short = (q.c.locked_until < utcnow_plus(left)).label("short")
     with conn.begin():
         rows = conn.execute(load_statement(tables, token).add_columns(short)).all()
-    if rows and any(row.short for row in rows):
+    if rows and rows[0].short:  # one claim, one statement: every row has the same lease
         renew(conn, tables, token, lease_seconds)
     return rows
 
