@@ -95,14 +95,10 @@ class Row:
     created_at: datetime
 
 
-
-
+_ROW_FIELDS = len(Row.__dataclass_fields__)  # a loaded row may carry more columns after these
 _EPOCH = datetime(1970, 1, 1)
 _EPOCH_UTC = _EPOCH.replace(tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
-
-
-_ROW_FIELDS = len(Row.__dataclass_fields__)  # a loaded row may carry more columns after these
 
 
 def epoch_ms(value: datetime) -> int:
