@@ -23,6 +23,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH.parent), str(BENCH)]
 
 import harness  # noqa: E402
+from run import drop_table  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,9 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                 per_row.append(used / (2000 * args.batches) * 1e6)
                 print(f"{args.kind}: {per_row[-1]:.1f} µs of Python CPU per row", flush=True)
             finally:
-                with pipeline.engine.begin() as conn:
-                    for table in reversed(pipeline.tables.metadata.sorted_tables):
-                        table.drop(conn, checkfirst=True)
+                drop_table(pipeline.engine, name)
                 pipeline.engine.dispose()
     finally:
         emulator.stop()

@@ -185,7 +185,7 @@ class KeysetClaim:
         from tasks import queue
 
         claim = queue.claim(conn, tables, kind, limit, lease_seconds, after_id=self.floor)
-        self.floor = claim.last_id if claim.rows == limit else 0
+        self.floor = claim.next_floor(limit)
         return claim
 
 

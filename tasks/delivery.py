@@ -115,7 +115,7 @@ class Pipeline:
             paused = {k: p for k in kinds if (p := self.pause_reason(conn, self.endpoint(k)))}
             result.paused = {self.endpoint(k): reason for k, reason in paused.items()}
             active = [k for k in kinds if k not in paused]
-            floors = {k: self._claim_floor(k) for k in active}
+            floors = self._claim_floors(active)
             # Round-robin over kinds so a backlog of one kind does not starve the others.
             while room > 0 and active:
                 for kind in list(active):
@@ -124,9 +124,7 @@ class Pipeline:
                     limit, floor = self.batch_rows(kind), floors[kind]
                     claim = queue.claim(conn, self.tables, kind, limit, s.lease_seconds,
                                         after_id=floor)  # fmt: skip
-                    # A short claim took everything above the floor: the next one starts at
-                    # the oldest due row again, where retried and released rows wait.
-                    floors[kind] = claim.last_id if claim.rows == limit else 0
+                    floors[kind] = claim.next_floor(limit)
                     if claim.rows == 0:
                         if not floor:
                             active.remove(kind)
@@ -336,10 +334,11 @@ class Pipeline:
     def _claim_floor_key(self, kind: str) -> str:
         return f"ampsync:claim-floor:{self.settings.queue_table}:{kind}"
 
-    def _claim_floor(self, kind: str) -> int:
-        if self.redis is None:
-            return 0
-        return int(self.redis.get(self._claim_floor_key(kind)) or 0)
+    def _claim_floors(self, kinds: list[str]) -> dict[str, int]:
+        if self.redis is None or not kinds:
+            return dict.fromkeys(kinds, 0)
+        values = self.redis.mget([self._claim_floor_key(k) for k in kinds])
+        return {k: int(v or 0) for k, v in zip(kinds, values, strict=True)}
 
     def _keep_claim_floor(self, kind: str, floor: int) -> None:
         if self.redis is None:

@@ -397,6 +397,11 @@ class Claim:
     rows: int
     last_id: int = 0  # the highest id claimed; 0 when nothing was
 
+    def next_floor(self, limit: int) -> int:
+        """Where the next claim of the kind starts (`after_id`): past this one when it was full;
+        after a short one, at the oldest due row again, where retried and released rows wait."""
+        return self.last_id if self.rows == limit else 0
+
 
 def _earlier_of_same_key(q: Table, kind: str, later, conditions) -> ColumnElement:
     """An earlier row of `later`'s key (user, else device, else group) meets the conditions.
@@ -576,9 +581,9 @@ def _unknown_kind(q: Table) -> ColumnElement:
 
 def sweep(conn: Connection, tables: QueueTables, max_attempts: int,
           max_age_seconds: float = 0, thorough: bool = True) -> tuple[int, int]:  # fmt: skip
-    """Run the sweep; returns (rows failed, rows released). Expired leases are found through
-    the lease index on every call; the unsendable-row statements read every pending row (1 s
-    and more per call with a million pending, measured), so they run only when `thorough`."""
+    """Run the sweep; returns (rows failed, rows released). Expired leases are released on every
+    call; the unsendable-row statements (unknown kind, too old) run only when `thorough`: before
+    they were indexed they read every pending row (1 s and more with a million pending)."""
     give_up, release, *unsendable = sweep_statements(tables, max_attempts, max_age_seconds)
     with conn.begin():
         failed = conn.execute(give_up).rowcount

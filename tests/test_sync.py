@@ -134,11 +134,12 @@ class _Claims:
         return [by_token[t] for t in tokens]
 
     def release(self, ids: list[int]) -> None:
-        """Give rows back as an expired lease's sweep would: due again, below the floor."""
+        """Expire these rows' lease and let the sweep give them back: due again, below the floor."""
         q = self.stack.tables.queue
-        with self.stack.engine.begin() as conn:
-            conn.execute(update(q).where(q.c.id.in_(ids))
-                         .values(status=queue.PENDING, claim_token=None, locked_until=None))  # fmt: skip
+        with self.stack.engine.connect() as conn:
+            with conn.begin():
+                conn.execute(update(q).where(q.c.id.in_(ids)).values(locked_until=queue.utcnow_plus(-1)))
+            assert queue.sweep(conn, self.stack.tables, max_attempts=12) == (0, len(ids))
 
 
 def test_follow_up_syncs_claim_past_the_last_full_batch_and_return_below_it_once_above_runs_out(make_stack):
