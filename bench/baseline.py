@@ -1,7 +1,7 @@
 """The seed article's delivery loop, as the benchmark's baseline.
 
-"Request a record to send → send it → mark in the queue that it was sent" (reference/
-seed-article.md): select one pending row, send it in its own request — an identify row to the
+"Request a record to send → send it → mark in the queue that it was sent" (the
+hand-edited script teams run today, bench/README.md): select one pending row, send it in its own request — an identify row to the
 form Identify API, an event row to HTTP V2 — mark it sent and commit, repeat. Like the article
 it marks the row sent whatever the answer; unlike it, it reuses one keep-alive HTTP session and
 finds the next row through ampsync's claim index, both in the baseline's favour.
@@ -32,7 +32,9 @@ class BaselineResult:
         return self.rows / self.seconds if self.seconds else 0.0
 
 
-def run(engine, table_name: str, base_url: str, api_key: str, budget_seconds: float) -> BaselineResult:
+def run(
+    engine, table_name: str, base_url: str, api_key: str, budget_seconds: float
+) -> BaselineResult:
     """Drain `table_name` row by row until it is empty or `budget_seconds` have passed."""
     pick = text(
         f"SELECT id, kind, user_id, event_type, event_time, properties FROM {table_name} "
@@ -65,15 +67,23 @@ def _send(session: requests.Session, base_url: str, api_key: str, row) -> reques
     props = json.loads(row.properties)
     if row.kind == "identify":
         identification = {"user_id": row.user_id, "user_properties": props}
-        return session.post(base_url + "/identify", timeout=30,
-                            data={"api_key": api_key, "identification": json.dumps(identification)})  # fmt: skip
+        return session.post(
+            base_url + "/identify",
+            timeout=30,
+            data={"api_key": api_key, "identification": json.dumps(identification)},
+        )
     when = row.event_time
     if isinstance(when, str):  # SQLite hands back text
         when = datetime.fromisoformat(when)
-    event = {"user_id": row.user_id, "event_type": row.event_type,
-             "time": calendar.timegm(when.utctimetuple()) * 1000, "event_properties": props}  # fmt: skip
-    return session.post(base_url + "/2/httpapi", json={"api_key": api_key, "events": [event]},
-                        timeout=30)  # fmt: skip
+    event = {
+        "user_id": row.user_id,
+        "event_type": row.event_type,
+        "time": calendar.timegm(when.utctimetuple()) * 1000,
+        "event_properties": props,
+    }
+    return session.post(
+        base_url + "/2/httpapi", json={"api_key": api_key, "events": [event]}, timeout=30
+    )
 
 
 def _utc_now() -> datetime:

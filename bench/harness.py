@@ -1,8 +1,8 @@
 """The parts a benchmark run starts and watches: rows, the emulator, a worker, a sampler.
 
 Everything here is real: the emulator is `ampsync emulator` in its own process, the worker is
-`celery -A tasks worker` as `tasks.cli.worker_command` builds it, the rows are in a real
-PostgreSQL or SQLite table made by `queue.init_db`. The benchmark process only inserts rows,
+`celery -A tasks worker` as `tasks.worker.process.worker_command` builds it, the rows are in a real
+PostgreSQL or SQLite table made by `setup.init_db`. The benchmark process only inserts rows,
 publishes `ampsync.sync` (as beat would) and reads counts, results and process statistics.
 """
 
@@ -50,8 +50,7 @@ def machine_facts(database_url: str) -> dict[str, str]:
         "python": platform.python_version(),
         "os": f"{platform.system()} {platform.release()}",
         "load average (1/5/15 min)": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "cpu speed (pure-Python loop of 10M additions, best of 3; lower is faster)":
-            f"{cpu_speed():.2f} s",
+        "cpu speed (pure-Python loop of 10M additions, best of 3; lower is faster)": f"{cpu_speed():.2f} s",
     }
     import celery
     import sqlalchemy
@@ -96,10 +95,19 @@ def cpu_speed() -> float:
 def _git_state() -> str:
     """The commit measured, and whether tasks/ had uncommitted changes."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                              capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "tasks", "beat_schedule.py"],
-                               cwd=ROOT, text=True, capture_output=True).stdout.split("\n")
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            text=True,
+            capture_output=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "tasks", "beat_schedule.py"],
+            cwd=ROOT,
+            text=True,
+            capture_output=True,
+        ).stdout.split("\n")
     except (OSError, subprocess.CalledProcessError):
         return "unknown (no git)"
     changed = sorted(line[3:] for line in dirty if line.strip())
@@ -109,8 +117,16 @@ def _git_state() -> str:
 # --- rows --------------------------------------------------------------------------------------
 
 # Column order of generated rows (COPY on PostgreSQL, executemany on SQLite).
-ROW_COLUMNS = ("kind", "user_id", "event_type", "event_time", "properties", "status",
-               "attempts", "sent_at")  # fmt: skip
+ROW_COLUMNS = (
+    "kind",
+    "user_id",
+    "event_type",
+    "event_time",
+    "properties",
+    "status",
+    "attempts",
+    "sent_at",
+)
 _SEGMENTS = ("gold", "silver", "bronze", "vip", "new")
 _EPOCH = datetime(2024, 1, 1)
 
@@ -131,14 +147,30 @@ def make_row(kind: str, i: int, sent_at: datetime | None = None) -> tuple:
     status = "sent" if sent_at else "pending"
     attempts = 1 if sent_at else 0
     if k == "identify":
-        props = {"CRM_Segment": _SEGMENTS[i % 5], "CRM_Group": f"group-{i % 17}",
-                 "CRM_Level": i % 10, "purchases": i % 97,
-                 "signup_date": f"2021-{1 + i % 12:02d}-{1 + i % 28:02d}"}  # fmt: skip
+        props = {
+            "CRM_Segment": _SEGMENTS[i % 5],
+            "CRM_Group": f"group-{i % 17}",
+            "CRM_Level": i % 10,
+            "purchases": i % 97,
+            "signup_date": f"2021-{1 + i % 12:02d}-{1 + i % 28:02d}",
+        }
         return (k, f"user-{i:09d}", None, None, json.dumps(props), status, attempts, sent_at)
-    props = {"order_id": f"order-{i}", "store": f"store-{i % 50}", "amount": (i % 1000) + 0.5,
-             "channel": "click-and-collect"}  # fmt: skip
-    return (k, f"user-{i // 10:09d}", "order picked up", _EPOCH + timedelta(seconds=i),
-            json.dumps(props), status, attempts, sent_at)  # fmt: skip
+    props = {
+        "order_id": f"order-{i}",
+        "store": f"store-{i % 50}",
+        "amount": (i % 1000) + 0.5,
+        "channel": "click-and-collect",
+    }
+    return (
+        k,
+        f"user-{i // 10:09d}",
+        "order picked up",
+        _EPOCH + timedelta(seconds=i),
+        json.dumps(props),
+        status,
+        attempts,
+        sent_at,
+    )
 
 
 def generate(kind: str, start: int, count: int, sent_at: datetime | None = None) -> Iterator[tuple]:
@@ -167,8 +199,12 @@ def bulk_insert(engine, table_name: str, rows: Iterator[tuple]) -> None:
         cur.execute("BEGIN")
         chunk: list[tuple] = []
         for row in rows:
-            chunk.append(tuple(v.strftime("%Y-%m-%d %H:%M:%S.%f") if isinstance(v, datetime)
-                               else v for v in row))  # fmt: skip
+            chunk.append(
+                tuple(
+                    v.strftime("%Y-%m-%d %H:%M:%S.%f") if isinstance(v, datetime) else v
+                    for v in row
+                )
+            )
             if len(chunk) >= 50_000:
                 cur.executemany(f"INSERT INTO {table_name} ({cols}) VALUES ({marks})", chunk)
                 chunk.clear()
@@ -233,20 +269,29 @@ class EmulatorProcess:
 
     @property
     def command(self) -> list[str]:
-        return [*emulator_command(), "--port", str(self.port),
-                "--latency-ms", f"{self.latency_ms:g}", *self.FLAGS]  # fmt: skip
+        return [
+            *emulator_command(),
+            "--port",
+            str(self.port),
+            "--latency-ms",
+            f"{self.latency_ms:g}",
+            *self.FLAGS,
+        ]
 
     def start(self) -> None:
         log = (self.log_dir / "emulator.log").open("wb")
-        self.proc = subprocess.Popen(self.command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            self.command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             with contextlib.suppress(requests.RequestException):
                 if requests.get(self.url + "/_emulator/faults", timeout=1).ok:
                     return
             if self.proc.poll() is not None:
-                raise RuntimeError(f"emulator exited: {(self.log_dir / 'emulator.log').read_text()}")
+                raise RuntimeError(
+                    f"emulator exited: {(self.log_dir / 'emulator.log').read_text()}"
+                )
             time.sleep(0.1)
         raise RuntimeError("emulator did not answer within 30 s")
 
@@ -284,13 +329,18 @@ class WorkerProcess:
     proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60) -> None:
-        from tasks.cli import worker_command
+        from tasks.worker.process import worker_command
 
         cmd = worker_command(beat=False, concurrency=self.concurrency, loglevel="INFO")
         cmd += ["-n", f"bench{os.getpid()}-{int(time.time())}@%h"]
-        self.proc = subprocess.Popen(cmd, env={**os.environ, **self.env}, cwd=ROOT,
-                                     stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd,
+            env={**os.environ, **self.env},
+            cwd=ROOT,
+            stdout=self.log_path.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log_path.read_text(errors="replace")
@@ -299,7 +349,9 @@ class WorkerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{text[-3000:]}")
             time.sleep(0.2)
-        raise RuntimeError(f"worker not ready after {timeout} s:\n{self.log_path.read_text()[-3000:]}")
+        raise RuntimeError(
+            f"worker not ready after {timeout} s:\n{self.log_path.read_text()[-3000:]}"
+        )
 
     def pool_pids(self) -> list[int]:
         assert self.proc
@@ -337,9 +389,15 @@ class Sampler:
     process). CPU is summed per pid from the first sample that saw it, so processes that come
     and go (PostgreSQL backends, pool restarts) are counted."""
 
-    def __init__(self, worker_pid: int, emulator_pid: int, redis_client, send_queue: str,
-                 backend_pids: Callable[[], set[int]] | None = None,
-                 period: float = 0.25) -> None:  # fmt: skip
+    def __init__(
+        self,
+        worker_pid: int,
+        emulator_pid: int,
+        redis_client,
+        send_queue: str,
+        backend_pids: Callable[[], set[int]] | None = None,
+        period: float = 0.25,
+    ) -> None:
         self.worker_pid = worker_pid
         self.emulator_pid = emulator_pid
         self.redis = redis_client
@@ -381,8 +439,10 @@ class Sampler:
                 stages["database"] = [p for p in postgres if p.pid in mine]
                 # WAL writer, checkpointer, autovacuum: shared, but mostly this run's writes.
                 stages["database background"] = [
-                    p for p in postgres
-                    if p.pid not in mine and not re.search(r"postgres: \S+: \S+ \S+ [\d.]+\(", " ".join(p.cmdline()))
+                    p
+                    for p in postgres
+                    if p.pid not in mine
+                    and not re.search(r"postgres: \S+: \S+ \S+ [\d.]+\(", " ".join(p.cmdline()))
                 ]
         # SQLite runs inside the worker processes: its CPU is the worker's.
         stages["broker"] = _find(lambda n: n.startswith("redis-server"), lambda c: ":6379" in c)

@@ -14,27 +14,31 @@ from pathlib import Path
 
 # (frame prefix, step) in priority order: the first one on a stack names the sample's step.
 STEPS = (
-    ("claim (tasks/queue.py", "sync: claim"),
-    ("sweep (tasks/queue.py", "sync: sweep expired leases"),
-    ("has_due_rows (tasks/queue.py", "sync: has_due_rows"),
-    ("sync.<locals>.enqueue (tasks/jobs.py", "sync: publish send tasks"),
-    ("record_run (tasks/queue.py", "sync: record run history"),
-    ("renew_and_load (tasks/queue.py", "send: renew lease + load rows"),
-    ("count_rerun (tasks/queue.py", "send: count_rerun"),
-    ("renew (tasks/queue.py", "send: renew lease"),
-    ("defer_out_of_order (tasks/queue.py", "send: defer_out_of_order"),
-    ("load (tasks/queue.py", "send: load rows"),
-    ("Pipeline._db_now (tasks/delivery.py", "send: database clock"),
-    ("Pipeline.pause_reason (tasks/delivery.py", "pause check (endpoint table)"),
-    ("Builder.prepare (tasks/payloads.py", "send: build payloads"),
-    ("Client.send (tasks/amplitude.py", "send: HTTP request"),
-    ("read (tasks/amplitude.py", "send: read answer"),
-    ("acknowledge (tasks/queue.py", "send: acknowledge"),
-    ("Pipeline.sync (tasks/delivery.py", "sync: other"),
-    ("sync (tasks/jobs.py", "sync: task body outside Pipeline.sync (llen, follow-up)"),
-    ("Pipeline.send (tasks/delivery.py", "send: other"),
-    ("send_batch (tasks/jobs.py", "send: task body outside Pipeline.send (log)"),
-    ("build_tracer.<locals>.trace_task (celery", "Celery per-task overhead (trace, result, events)"),
+    ("claim (tasks/db/queue.py", "sync: claim"),
+    ("sweep (tasks/db/queue.py", "sync: sweep expired leases"),
+    ("has_due_rows (tasks/db/queue.py", "sync: has_due_rows"),
+    ("sync.<locals>.enqueue (tasks/worker/jobs.py", "sync: publish send tasks"),
+    ("record_run (tasks/db/history.py", "sync: record run history"),
+    ("renew_and_load (tasks/db/queue.py", "send: renew lease + load rows"),
+    ("count_rerun (tasks/db/queue.py", "send: count_rerun"),
+    ("renew (tasks/db/queue.py", "send: renew lease"),
+    ("defer_out_of_order (tasks/db/queue.py", "send: defer_out_of_order"),
+    ("load (tasks/db/queue.py", "send: load rows"),
+    ("db_now (tasks/db/reports.py", "send: database clock"),
+    ("read (tasks/db/endpoints.py", "pause check (endpoint table)"),
+    ("Builder.prepare (tasks/amplitude/payloads.py", "send: build payloads"),
+    ("Client.send (tasks/amplitude/client.py", "send: HTTP request"),
+    ("read (tasks/amplitude/answers.py", "send: read answer"),
+    ("acknowledge (tasks/db/queue.py", "send: acknowledge"),
+    ("run_sync (tasks/delivery/sync.py", "sync: other"),
+    ("sync (tasks/worker/jobs.py", "sync: task body outside run_sync (llen, follow-up)"),
+    ("run_send (tasks/delivery/send.py", "send: other"),
+    ("Delivery.run (tasks/delivery/send.py", "send: other"),
+    ("send_batch (tasks/worker/jobs.py", "send: task body outside run_send (log)"),
+    (
+        "build_tracer.<locals>.trace_task (celery",
+        "Celery per-task overhead (trace, result, events)",
+    ),
 )
 # Innermost frames that mean the process is waiting, not running Python.
 WAITS = (
@@ -88,25 +92,37 @@ def _worker(stacks: list[tuple[list[str], int]], top: int) -> str:
         if not pool:
             continue
         pool_total += n
-        step = next((label for prefix, label in STEPS for f in code if f.startswith(prefix)),
-                    "idle in the pool: waiting for a task" if state == "idle" else "Celery pool loop")  # fmt: skip
+        step = next(
+            (label for prefix, label in STEPS for f in code if f.startswith(prefix)),
+            "idle in the pool: waiting for a task" if state == "idle" else "Celery pool loop",
+        )
         steps[(step, state)] += n
         if state == "python":
             leaves[code[-1]] += n
     by_step: dict[str, Counter[str]] = {}
     for (step, state), n in steps.items():
         by_step.setdefault(step, Counter())[state] += n
-    lines = [f"pool processes: {pool_total:,} samples (wall clock, all pool processes together); "
-             f"main process: {per_process['main']:,}", "",
-             "| step | share of pool time | waiting on DB | on HTTP | on broker | idle | Python |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    lines = [
+        f"pool processes: {pool_total:,} samples (wall clock, all pool processes together); "
+        f"main process: {per_process['main']:,}",
+        "",
+        "| step | share of pool time | waiting on DB | on HTTP | on broker | idle | Python |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for step, states in sorted(by_step.items(), key=lambda kv: -sum(kv[1].values())):
         total = sum(states.values())
-        lines.append(f"| {step} | {100 * total / pool_total:.1f}% | "
-                     + " | ".join(f"{100 * states[s] / pool_total:.1f}%" for s in STATES) + " |")  # fmt: skip
+        lines.append(
+            f"| {step} | {100 * total / pool_total:.1f}% | "
+            + " | ".join(f"{100 * states[s] / pool_total:.1f}%" for s in STATES)
+            + " |"
+        )
     python = sum(leaves.values())
-    lines += ["", f"top Python frames in pool processes (self time, share of {python:,} samples "
-              "running Python):", ""]  # fmt: skip
+    lines += [
+        "",
+        f"top Python frames in pool processes (self time, share of {python:,} samples "
+        "running Python):",
+        "",
+    ]
     lines += [f"- {100 * n / python:.1f}% `{frame}`" for frame, n in leaves.most_common(top)]
     return "\n".join(lines)
 
@@ -117,10 +133,14 @@ def _emulator(stacks: list[tuple[list[str], int]], top: int) -> str:
     leaves = Counter()
     for frames, n in stacks:
         code = [f for f in frames if not f.startswith("process ")]
-        emu = [f.split(" (")[0] for f in code if "tasks/emulator.py" in f]
+        emu = [f.split(" (")[0] for f in code if "ampsync_emulator/" in f]
         parts[emu[-1] if emu else (code[-1] if code else "?")] += n
         leaves[code[-1] if code else "?"] += n
-    lines = [f"emulator: {total:,} samples of CPU (no idle samples)", "",
-             "innermost emulator function on the stack:", ""]  # fmt: skip
+    lines = [
+        f"emulator: {total:,} samples of CPU (no idle samples)",
+        "",
+        "innermost emulator function on the stack:",
+        "",
+    ]
     lines += [f"- {100 * n / total:.1f}% `{name}`" for name, n in parts.most_common(top)]
     return "\n".join(lines)

@@ -43,7 +43,9 @@ def count(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--rows", type=count, default=10_000, help="pending rows to drain (10k, 1M …)")
     p.add_argument("--kind", choices=["identify", "event", "mixed"], default="identify")
     p.add_argument("--db", choices=["postgresql", "sqlite"], default="postgresql")
@@ -51,22 +53,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=3, help="runs; the table shows their median")
     p.add_argument("--concurrency", type=int, default=4, help="worker pool processes")
     p.add_argument("--batch-size", type=int, default=None, help="AMPSYNC_BATCH_SIZE (default 2000)")
-    p.add_argument("--preload-sent", type=count, default=0,
-                   help="rows already `sent` in the table before the run (history)")  # fmt: skip
-    p.add_argument("--baseline-seconds", type=float, default=20.0,
-                   help="time budget of the seed-style baseline per repeat; 0 skips it")  # fmt: skip
-    p.add_argument("--sync-every", type=float, default=1.0,
-                   help="publish ampsync.sync this often, as beat would (0: only once)")  # fmt: skip
+    p.add_argument(
+        "--preload-sent",
+        type=count,
+        default=0,
+        help="rows already `sent` in the table before the run (history)",
+    )
+    p.add_argument(
+        "--baseline-seconds",
+        type=float,
+        default=20.0,
+        help="time budget of the seed-style baseline per repeat; 0 skips it",
+    )
+    p.add_argument(
+        "--sync-every",
+        type=float,
+        default=1.0,
+        help="publish ampsync.sync this often, as beat would (0: only once)",
+    )
     p.add_argument("--timeout", type=float, default=900, help="seconds a drain may take at most")
-    p.add_argument("--profile", action="store_true",
-                   help="record the worker (and emulator) with py-spy; summary in the output")  # fmt: skip
-    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                   help="extra setting for the worker, e.g. AMPSYNC_MAX_QUEUED_BATCHES=16")  # fmt: skip
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="record the worker (and emulator) with py-spy; summary in the output",
+    )
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra setting for the worker, e.g. AMPSYNC_MAX_QUEUED_BATCHES=16",
+    )
     p.add_argument("--redis-url", default=DEFAULT_REDIS, help="broker and result backend (flushed)")
     p.add_argument("--pg-url", default=os.environ.get("AMPSYNC_BENCH_PG", DEFAULT_PG))
-    p.add_argument("--analyze", action="store_true",
-                   help="ANALYZE the table after loading, as autovacuum would soon after a bulk "
-                        "insert: statistics then say every row is pending (see README)")  # fmt: skip
+    p.add_argument(
+        "--analyze",
+        action="store_true",
+        help="ANALYZE the table after loading, as autovacuum would soon after a bulk "
+        "insert: statistics then say every row is pending (see README)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the tables (default: dropped)")
     return p.parse_args(argv)
 
@@ -129,8 +154,12 @@ def backend_pids(engine):
 
     def pids() -> set[int]:
         with engine.connect() as conn:
-            return set(conn.execute(text("SELECT pid FROM pg_stat_activity WHERE "
-                                         "application_name = :a"), {"a": WORKER_APP}).scalars())  # fmt: skip
+            return set(
+                conn.execute(
+                    text("SELECT pid FROM pg_stat_activity WHERE application_name = :a"),
+                    {"a": WORKER_APP},
+                ).scalars()
+            )
 
     return pids
 
@@ -140,15 +169,16 @@ def create_table(engine, args, rows: int) -> tuple[str, int]:
     returns its name and the first pending id."""
     from sqlalchemy import func, select
 
-    from tasks import queue
+    from tasks.db import schema, setup
 
     name = f"bench_{uuid.uuid4().hex[:10]}"
-    tables = queue.define_tables(name)
-    queue.init_db(engine, tables)
+    tables = schema.define_tables(name)
+    setup.init_db(engine, tables)
     if args.preload_sent:
         long_ago = datetime.utcnow() - timedelta(days=1)
-        harness.bulk_insert(engine, name, harness.generate(args.kind, 10**9, args.preload_sent,
-                                                           sent_at=long_ago))  # fmt: skip
+        harness.bulk_insert(
+            engine, name, harness.generate(args.kind, 10**9, args.preload_sent, sent_at=long_ago)
+        )
     harness.bulk_insert(engine, name, harness.generate(args.kind, 0, rows))
     if args.analyze:
         harness.analyze(engine, name)
@@ -159,9 +189,9 @@ def create_table(engine, args, rows: int) -> tuple[str, int]:
 
 
 def drop_table(engine, name: str) -> None:
-    from tasks import queue
+    from tasks.db import schema
 
-    tables = queue.define_tables(name)
+    tables = schema.define_tables(name)
     with engine.begin() as conn:
         for t in reversed(tables.metadata.sorted_tables):
             t.drop(conn, checkfirst=True)
@@ -178,20 +208,28 @@ def timeline(engine, name: str, first_id: int) -> list[tuple[datetime, int]]:
     """(ack time, rows) for every acknowledgement, from the rows' sent_at (database clock)."""
     from sqlalchemy import func, select
 
-    from tasks import queue
+    from tasks.db import schema
 
-    q = queue.define_tables(name).queue
+    q = schema.define_tables(name).queue
     with engine.connect() as conn:
-        return [(_as_dt(t), n) for t, n in conn.execute(
-            select(q.c.sent_at, func.count()).where(q.c.id >= first_id, q.c.status == "sent")
-            .group_by(q.c.sent_at).order_by(q.c.sent_at))]  # fmt: skip
+        return [
+            (_as_dt(t), n)
+            for t, n in conn.execute(
+                select(q.c.sent_at, func.count())
+                .where(q.c.id >= first_id, q.c.status == "sent")
+                .group_by(q.c.sent_at)
+                .order_by(q.c.sent_at)
+            )
+        ]
 
 
 def _as_dt(value) -> datetime:
     return datetime.fromisoformat(value) if isinstance(value, str) else value
 
 
-def rates(points: list[tuple[datetime, int]], started: datetime) -> tuple[float, float, float, float]:
+def rates(
+    points: list[tuple[datetime, int]], started: datetime
+) -> tuple[float, float, float, float]:
     """(steady rows/s over the middle 80% of rows, drain rows/s from the first sync to the
     last ack, drain seconds, seconds to the first ack)."""
     total = sum(n for _, n in points)
@@ -233,14 +271,19 @@ def worker_env(args, url: str, table: str, emulator_url: str) -> dict[str, str]:
 def run_pipeline(args, emulator: harness.EmulatorProcess, repeat: int, out: Path) -> RunResult:
     from sqlalchemy import func, select
 
-    from tasks import queue, sync
+    from tasks import sync
     from tasks.broker import redis_client
-    from tasks.celery_app import SEND_QUEUE
+    from tasks.db import engine as db_engine
+    from tasks.db import schema, sql
+    from tasks.worker.app import SEND_QUEUE
 
     url = database_url(args, out)
-    engine = queue.make_engine(url)
-    print(f"[run {repeat}] loading {args.rows:,} {args.kind} rows"
-          + (f" after {args.preload_sent:,} sent rows" if args.preload_sent else ""), flush=True)  # fmt: skip
+    engine = db_engine.make_engine(url)
+    print(
+        f"[run {repeat}] loading {args.rows:,} {args.kind} rows"
+        + (f" after {args.preload_sent:,} sent rows" if args.preload_sent else ""),
+        flush=True,
+    )
     t = time.monotonic()
     name, first_id = create_table(engine, args, args.rows)
     print(f"[run {repeat}] loaded into {name} in {time.monotonic() - t:.1f} s", flush=True)
@@ -248,21 +291,29 @@ def run_pipeline(args, emulator: harness.EmulatorProcess, repeat: int, out: Path
     redis.flushdb()
     emulator.reset()
     worker_url = database_url(args, out, WORKER_APP)
-    worker = harness.WorkerProcess(worker_env(args, worker_url, name, emulator.url), args.concurrency,
-                                   out / f"worker-{repeat}.log")  # fmt: skip
+    worker = harness.WorkerProcess(
+        worker_env(args, worker_url, name, emulator.url),
+        args.concurrency,
+        out / f"worker-{repeat}.log",
+    )
     worker.start()
     assert worker.proc
-    sampler = harness.Sampler(worker.proc.pid, emulator.proc.pid, redis, SEND_QUEUE,
-                              backend_pids(engine) if args.db == "postgresql" else None)
+    sampler = harness.Sampler(
+        worker.proc.pid,
+        emulator.proc.pid,
+        redis,
+        SEND_QUEUE,
+        backend_pids(engine) if args.db == "postgresql" else None,
+    )
     spies = start_profilers(args, worker, emulator, out, repeat)
-    q = queue.define_tables(name).queue
+    q = schema.define_tables(name).queue
     # Whether any row is open, not how many: a count(*) of 1M rows every 0.25 s would cost
     # the database a good share of a core and hold snapshots that slow pruning.
     is_open = select(q.c.id).where(q.c.status.in_(["pending", "in_flight"])).limit(1)
     try:
         before = emulator.counts()
         with engine.connect() as conn:
-            started = _as_dt(conn.execute(select(queue.utcnow())).scalar_one())
+            started = _as_dt(conn.execute(select(sql.utcnow())).scalar_one())
         sampler.start()
         sync.delay()
         t0 = time.monotonic()
@@ -275,8 +326,9 @@ def run_pipeline(args, emulator: harness.EmulatorProcess, repeat: int, out: Path
                 sync.delay()
                 next_sync = now + args.sync_every
             if now - t0 > args.timeout:
-                raise SystemExit(f"not drained after {args.timeout:g} s; "
-                                 f"worker log {worker.log_path}")  # fmt: skip
+                raise SystemExit(
+                    f"not drained after {args.timeout:g} s; worker log {worker.log_path}"
+                )
             with engine.connect() as conn:
                 still_open = conn.execute(is_open).first() is not None
         sampler.stop()
@@ -308,8 +360,11 @@ def run_pipeline(args, emulator: harness.EmulatorProcess, repeat: int, out: Path
     n_requests = sum(api.values())
     # Claim time per batch: a sync is a sweep, pause checks and one claim per batch it enqueues
     # (plus one empty claim per kind at the end); its runtime over its batches.
-    claims = [seconds / results[tid]["batches_enqueued"] for tid, seconds in sync_runs.items()
-              if results.get(tid, {}).get("batches_enqueued")]  # fmt: skip
+    claims = [
+        seconds / results[tid]["batches_enqueued"]
+        for tid, seconds in sync_runs.items()
+        if results.get(tid, {}).get("batches_enqueued")
+    ]
     per_stage = {"claim": claims}
     for stage in STAGES[1:]:
         per_stage[stage] = [r["seconds"][stage] for r in sends if r.get("seconds")]
@@ -322,25 +377,39 @@ def run_pipeline(args, emulator: harness.EmulatorProcess, repeat: int, out: Path
     engine.dispose()
     redis.close()
     return RunResult(
-        rows=args.rows, sent=sent, failed=failed, drain_seconds=drain,
-        first_ack_seconds=first_ack, steady_rps=steady, drain_rps=drain_rps,
-        api_requests=api, rows_per_request=sent / n_requests if n_requests else 0.0,
+        rows=args.rows,
+        sent=sent,
+        failed=failed,
+        drain_seconds=drain,
+        first_ack_seconds=first_ack,
+        steady_rps=steady,
+        drain_rps=drain_rps,
+        api_requests=api,
+        rows_per_request=sent / n_requests if n_requests else 0.0,
         http_in_flight=sum(per_stage["http"]) / drain,
         busy=busy_seconds / (args.concurrency * drain),
         stage_p50={s: percentile(v, 50) for s, v in per_stage.items()},
         stage_p95={s: percentile(v, 95) for s, v in per_stage.items()},
-        syncs=len(sync_runs), batches=len(sends),
+        syncs=len(sync_runs),
+        batches=len(sends),
         sync_p50=percentile(list(sync_runs.values()), 50),
         sync_p95=percentile(list(sync_runs.values()), 95),
         syncs_running=sum(sync_runs.values()) / drain,
-        queue_empty=(sum(1 for d in sampler.queue_depth if d == 0) / len(sampler.queue_depth)
-                     if sampler.queue_depth else float("nan")),
-        queue_mean=_mean(sampler.queue_depth), held_mean=_mean(sampler.held),
-        rss_main_mb=main_rss / 2**20, rss_pool_mb=pool_rss / 2**20,
+        queue_empty=(
+            sum(1 for d in sampler.queue_depth if d == 0) / len(sampler.queue_depth)
+            if sampler.queue_depth
+            else float("nan")
+        ),
+        queue_mean=_mean(sampler.queue_depth),
+        held_mean=_mean(sampler.held),
+        rss_main_mb=main_rss / 2**20,
+        rss_pool_mb=pool_rss / 2**20,
         rss_emulator_mb=sampler.emulator_rss / 2**20,
-        cpu_cores={k: v / wall for k, v in cpu.items()}, cpu_seconds=cpu,
-        profile=profile, task_errors=errors,
-    )  # fmt: skip
+        cpu_cores={k: v / wall for k, v in cpu.items()},
+        cpu_seconds=cpu,
+        profile=profile,
+        task_errors=errors,
+    )
 
 
 def _mean(values: list[int]) -> float:
@@ -350,10 +419,10 @@ def _mean(values: list[int]) -> float:
 def run_baseline(args, emulator: harness.EmulatorProcess, repeat: int, out: Path) -> tuple:
     import baseline
 
-    from tasks import queue
+    from tasks.db import engine as db_engine
 
     url = database_url(args, out)
-    engine = queue.make_engine(url)
+    engine = db_engine.make_engine(url)
     # The seed loop gets through a few hundred rows a second at best: load what it can reach.
     rows = min(args.rows, int(args.baseline_seconds * 2000) + 1000)
     name, _ = create_table(engine, args, rows)
@@ -362,8 +431,11 @@ def run_baseline(args, emulator: harness.EmulatorProcess, repeat: int, out: Path
     if not args.keep:
         drop_table(engine, name)
     engine.dispose()
-    print(f"[run {repeat}] baseline: {result.rows:,} rows in {result.seconds:.1f} s = "
-          f"{result.rows_per_second:,.0f} rows/s", flush=True)  # fmt: skip
+    print(
+        f"[run {repeat}] baseline: {result.rows:,} rows in {result.seconds:.1f} s = "
+        f"{result.rows_per_second:,.0f} rows/s",
+        flush=True,
+    )
     return result
 
 
@@ -376,13 +448,28 @@ def start_profilers(args, worker, emulator, out: Path, repeat: int) -> list[tupl
     spies = []
     # The worker tree with --idle: wall time, including waits on the database, on Amplitude
     # and for the next task. The emulator without: where its CPU goes.
-    for label, pid, extra in (("worker", worker.proc.pid, ["--subprocesses", "--idle"]),
-                              ("emulator", emulator.proc.pid, [])):  # fmt: skip
+    for label, pid, extra in (
+        ("worker", worker.proc.pid, ["--subprocesses", "--idle"]),
+        ("emulator", emulator.proc.pid, []),
+    ):
         path = out / f"profile-{label}-{repeat}.txt"
-        cmd = ["py-spy", "record", "--pid", str(pid), "--rate", "50", "--nonblocking",
-               "--format", "raw", "-o", str(path), *extra]  # fmt: skip
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)  # fmt: skip
+        cmd = [
+            "py-spy",
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            "50",
+            "--nonblocking",
+            "--format",
+            "raw",
+            "-o",
+            str(path),
+            *extra,
+        ]
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         spies.append((label, proc, path))
     time.sleep(1)  # py-spy attaches before the clock starts
     return spies
@@ -424,18 +511,23 @@ def report(args, argv: list[str], facts: dict, runs: list[RunResult], out: Path)
     lines = [f"## `{command_line(argv)}`", ""]
     lines += ["| machine | |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in facts.items()]
-    setup = (f"rows {args.rows:,} {args.kind} on {args.db}, emulator latency "
-             f"{args.latency_ms:g} ms, concurrency {args.concurrency}, batch size "
-             f"{args.batch_size or 2000}, preloaded sent rows {args.preload_sent:,}, "
-             f"sync every {args.sync_every:g} s, ANALYZE after loading: "
-             f"{'yes' if args.analyze else 'no'}")  # fmt: skip
+    setup = (
+        f"rows {args.rows:,} {args.kind} on {args.db}, emulator latency "
+        f"{args.latency_ms:g} ms, concurrency {args.concurrency}, batch size "
+        f"{args.batch_size or 2000}, preloaded sent rows {args.preload_sent:,}, "
+        f"sync every {args.sync_every:g} s, ANALYZE after loading: "
+        f"{'yes' if args.analyze else 'no'}"
+    )
     lines += ["", setup + (f", env {' '.join(args.env)}" if args.env else ""), ""]
     head = "| metric | " + " | ".join(f"run {i + 1}" for i in range(len(runs))) + " | median |"
     lines += [head, "|---" * (len(runs) + 2) + "|"]
 
     def row(name: str, values: list[float], digits: int = 0) -> None:
-        lines.append(f"| {name} | " + " | ".join(fmt(v, digits) for v in values)
-                     + f" | **{fmt(median(values), digits)}** |")  # fmt: skip
+        lines.append(
+            f"| {name} | "
+            + " | ".join(fmt(v, digits) for v in values)
+            + f" | **{fmt(median(values), digits)}** |"
+        )
 
     row("rows/s steady (middle 80% of rows)", [r.steady_rps for r in runs])
     row("rows/s drain (first sync → last ack)", [r.drain_rps for r in runs])
@@ -454,8 +546,11 @@ def report(args, argv: list[str], facts: dict, runs: list[RunResult], out: Path)
     row("syncs run", [r.syncs for r in runs])
     row("sync task seconds p50", [r.sync_p50 for r in runs], 2)
     row("sync task seconds p95", [r.sync_p95 for r in runs], 2)
-    row("sync tasks running at once (mean; each holds a pool process)",
-        [r.syncs_running for r in runs], 2)  # fmt: skip
+    row(
+        "sync tasks running at once (mean; each holds a pool process)",
+        [r.syncs_running for r in runs],
+        2,
+    )
     row("send batches", [r.batches for r in runs])
     for stage in STAGES:
         row(f"{stage} ms per batch p50", [1000 * r.stage_p50[stage] for r in runs], 1)
@@ -463,40 +558,69 @@ def report(args, argv: list[str], facts: dict, runs: list[RunResult], out: Path)
     row("peak RSS worker main process (MB)", [r.rss_main_mb for r in runs], 1)
     row("peak RSS largest pool process (MB)", [r.rss_pool_mb for r in runs], 1)
     row("peak RSS emulator (MB)", [r.rss_emulator_mb for r in runs], 1)
-    stages = ["worker", "database", "database background", "broker", "emulator", "bench",
-              "other processes", "machine (all processes)"]
+    stages = [
+        "worker",
+        "database",
+        "database background",
+        "broker",
+        "emulator",
+        "bench",
+        "other processes",
+        "machine (all processes)",
+    ]
     for stage in stages:
         if any(stage in r.cpu_cores for r in runs):
             unit = "share of all cores, %" if stage.startswith("machine") else "cores"
             scale = 100 if stage.startswith("machine") else 1
-            row(f"CPU {stage} ({unit})", [scale * r.cpu_cores.get(stage, float("nan")) for r in runs], 2)
+            row(
+                f"CPU {stage} ({unit})",
+                [scale * r.cpu_cores.get(stage, float("nan")) for r in runs],
+                2,
+            )
     # CPU per row does not depend on how busy the machine is; it bounds what 2 cores can do.
     pipeline = ("worker", "database", "database background", "broker")
     for stage in ("worker", "worker main process", *pipeline[1:], "emulator"):
         if any(stage in r.cpu_seconds for r in runs):
-            row(f"CPU ms per 1000 rows: {stage}",
-                [1e6 * r.cpu_seconds.get(stage, float("nan")) / max(1, r.sent)
-                 for r in runs], 1)  # fmt: skip
+            row(
+                f"CPU ms per 1000 rows: {stage}",
+                [1e6 * r.cpu_seconds.get(stage, float("nan")) / max(1, r.sent) for r in runs],
+                1,
+            )
     cores = os.cpu_count() or 1
 
     def ceiling(r: RunResult, stages: tuple[str, ...]) -> float:
         per_row = sum(r.cpu_seconds.get(s, 0.0) for s in stages) / max(1, r.sent)
         return cores / per_row if per_row else float("nan")
 
-    row(f"CPU-bound ceiling rows/s ({cores} cores ÷ CPU per row of worker, database, broker)",
-        [ceiling(r, pipeline) for r in runs])  # fmt: skip
-    row("… the same, counting the emulator's CPU too (it shares the cores here)",
-        [ceiling(r, (*pipeline, "emulator")) for r in runs])  # fmt: skip
+    row(
+        f"CPU-bound ceiling rows/s ({cores} cores ÷ CPU per row of worker, database, broker)",
+        [ceiling(r, pipeline) for r in runs],
+    )
+    row(
+        "… the same, counting the emulator's CPU too (it shares the cores here)",
+        [ceiling(r, (*pipeline, "emulator")) for r in runs],
+    )
     if any(r.baseline_rps is not None for r in runs):
         row("baseline rows/s (seed-style loop)", [r.baseline_rps or float("nan") for r in runs], 1)
         row("baseline rows done in budget", [r.baseline_rows for r in runs])
-        row("ratio steady / baseline", [r.steady_rps / r.baseline_rps if r.baseline_rps else
-                                         float("nan") for r in runs], 1)  # fmt: skip
-        row("ratio drain / baseline", [r.drain_rps / r.baseline_rps if r.baseline_rps else
-                                        float("nan") for r in runs], 1)  # fmt: skip
+        row(
+            "ratio steady / baseline",
+            [r.steady_rps / r.baseline_rps if r.baseline_rps else float("nan") for r in runs],
+            1,
+        )
+        row(
+            "ratio drain / baseline",
+            [r.drain_rps / r.baseline_rps if r.baseline_rps else float("nan") for r in runs],
+            1,
+        )
     paths = sorted({k for r in runs for k in r.api_requests})
-    lines += ["", "API requests by path and status: " + "; ".join(
-        f"{p}: " + "/".join(str(r.api_requests.get(p, 0)) for r in runs) for p in paths)]  # fmt: skip
+    lines += [
+        "",
+        "API requests by path and status: "
+        + "; ".join(
+            f"{p}: " + "/".join(str(r.api_requests.get(p, 0)) for r in runs) for p in paths
+        ),
+    ]
     errors = sorted({e for r in runs for e in r.task_errors})
     if errors:
         lines += ["", "task errors: " + "; ".join(errors[:5])]
@@ -526,18 +650,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for i in range(1, args.repeat + 1):
             result = run_pipeline(args, emulator, i, out)
-            print(f"[run {i}] pipeline: {result.sent:,} rows, steady {result.steady_rps:,.0f} "
-                  f"rows/s, drain {result.drain_rps:,.0f} rows/s in {result.drain_seconds:.1f} s",
-                  flush=True)  # fmt: skip
+            print(
+                f"[run {i}] pipeline: {result.sent:,} rows, steady {result.steady_rps:,.0f} "
+                f"rows/s, drain {result.drain_rps:,.0f} rows/s in {result.drain_seconds:.1f} s",
+                flush=True,
+            )
             if args.baseline_seconds > 0:
                 b = run_baseline(args, emulator, i, out)
                 result.baseline_rps = b.rows_per_second
                 result.baseline_rows = b.rows
                 result.baseline_not_ok = b.not_ok
             runs.append(result)
-            (out / "results.json").write_text(json.dumps(
-                {"command": command_line(argv), "facts": facts,
-                 "runs": [r.__dict__ for r in runs]}, indent=2, default=str))  # fmt: skip
+            (out / "results.json").write_text(
+                json.dumps(
+                    {
+                        "command": command_line(argv),
+                        "facts": facts,
+                        "runs": [r.__dict__ for r in runs],
+                    },
+                    indent=2,
+                    default=str,
+                )
+            )
     finally:
         emulator.stop()
     text = report(args, argv, facts, runs, out)

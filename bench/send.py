@@ -27,16 +27,22 @@ from run import drop_table  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--kind", choices=["identify", "event"], default="identify")
     p.add_argument("--batches", type=int, default=10)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--pg-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
-    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/13",
-                   help="for the claim floor; the keys are named after the random table")
+    p.add_argument(
+        "--redis-url",
+        default="redis://127.0.0.1:6379/13",
+        help="for the claim floor; the keys are named after the random table",
+    )
     args = p.parse_args(argv)
 
-    from tasks import delivery, queue
+    from tasks.db import setup
+    from tasks.delivery.pipeline import Pipeline
     from tasks.settings import Settings
 
     emulator = harness.EmulatorProcess(latency_ms=0, log_dir=Path(tempfile.mkdtemp()))
@@ -46,15 +52,19 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeat):
             name = f"bench_send_{time.time_ns() % 10**10}"
             settings = Settings(
-                AMPSYNC_DATABASE_URL=args.pg_url, AMPSYNC_QUEUE_TABLE=name,
-                AMPLITUDE_API_KEY=harness.API_KEY, AMPLITUDE_SERVER_URL=emulator.url,
-                AMPSYNC_EVENTS_PER_SECOND="0", CELERY_BROKER_URL=args.redis_url,
-            )  # fmt: skip
-            pipeline = delivery.Pipeline(settings)
-            queue.init_db(pipeline.engine, pipeline.tables)
+                AMPSYNC_DATABASE_URL=args.pg_url,
+                AMPSYNC_QUEUE_TABLE=name,
+                AMPLITUDE_API_KEY=harness.API_KEY,
+                AMPLITUDE_SERVER_URL=emulator.url,
+                AMPSYNC_EVENTS_PER_SECOND="0",
+                CELERY_BROKER_URL=args.redis_url,
+            )
+            pipeline = Pipeline(settings)
+            setup.init_db(pipeline.engine, pipeline.tables)
             try:
-                harness.bulk_insert(pipeline.engine, name,
-                                    harness.generate(args.kind, 0, 2000 * (args.batches + 1)))  # fmt: skip
+                harness.bulk_insert(
+                    pipeline.engine, name, harness.generate(args.kind, 0, 2000 * (args.batches + 1))
+                )
                 tokens: list[str] = []
                 while len(tokens) < args.batches + 1:
                     before = len(tokens)

@@ -30,8 +30,9 @@ def line(path: Path) -> str:
         return _median([r.get(key) for r in runs])
 
     def cpu(stage: str) -> float:
-        return _median([1e6 * r["cpu_seconds"].get(stage, float("nan")) / max(1, r["sent"])
-                        for r in runs])  # fmt: skip
+        return _median(
+            [1e6 * r["cpu_seconds"].get(stage, float("nan")) / max(1, r["sent"]) for r in runs]
+        )
 
     def ratio(r: dict) -> float:
         return r["steady_rps"] / r["baseline_rps"] if r.get("baseline_rps") else float("nan")
@@ -39,13 +40,15 @@ def line(path: Path) -> str:
     per_row = cpu("worker") + cpu("database") + cpu("database background") + cpu("broker")
     code = data["facts"].get("code", "?")
     code = code.split(" ")[0] + ("+" if "uncommitted" in code else "")
-    return (f"| `{cmd}` | {code} | {len(runs)} | {_f(med('steady_rps'))} | {_f(med('drain_rps'))} | "
-            f"{_f(med('baseline_rps'), 1)} | {_f(_median([ratio(r) for r in runs]))}× | "
-            f"{_f(_median([1000 * r['stage_p50']['claim'] for r in runs]))} | "
-            f"{_f(med('rss_pool_mb'))} / {_f(med('rss_main_mb'))} | "
-            f"{_f(cpu('worker'))} / {_f(cpu('database'))} / {_f(cpu('emulator'))} | "
-            f"{_f(2e6 / per_row if per_row == per_row and per_row else float('nan'))} | "
-            f"{_f(_median([r['cpu_cores'].get('other processes') for r in runs]), 2)} |")  # fmt: skip
+    return (
+        f"| `{cmd}` | {code} | {len(runs)} | {_f(med('steady_rps'))} | {_f(med('drain_rps'))} | "
+        f"{_f(med('baseline_rps'), 1)} | {_f(_median([ratio(r) for r in runs]))}× | "
+        f"{_f(_median([1000 * r['stage_p50']['claim'] for r in runs]))} | "
+        f"{_f(med('rss_pool_mb'))} / {_f(med('rss_main_mb'))} | "
+        f"{_f(cpu('worker'))} / {_f(cpu('database'))} / {_f(cpu('emulator'))} | "
+        f"{_f(2e6 / per_row if per_row == per_row and per_row else float('nan'))} | "
+        f"{_f(_median([r['cpu_cores'].get('other processes') for r in runs]), 2)} |"
+    )
 
 
 HEADER = (

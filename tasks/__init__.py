@@ -2,9 +2,11 @@
 
     >>> from tasks import sync
     >>> sync.delay().get(timeout=60)
+
+The layout is in docs/architecture.md.
 """
 
-from .celery_app import app
-from .jobs import send_batch, sync
+from .worker.app import app
+from .worker.jobs import feed_run, prune, send_batch, sync
 
-__all__ = ["app", "sync", "send_batch"]
+__all__ = ["app", "sync", "send_batch", "prune", "feed_run"]

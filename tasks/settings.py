@@ -1,6 +1,6 @@
 """Settings: every knob ampsync has, read from the environment (and a `.env` file).
 
-Names follow SPEC.md. Validation happens once, at start-up, and a wrong value stops the process
+Names are the README's. Validation happens once, at start-up, and a wrong value stops the process
 with one line naming the variable (see `load()` and `SettingsError`).
 """
 
@@ -15,12 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-REGION_URLS = {"us": "https://api2.amplitude.com", "eu": "https://api.eu.amplitude.com"}
-
-# Amplitude's own ceilings (shared/reference/amplitude-api.md): 2000 events per V2/Batch request,
-# 1024 identifications per /groupidentify request.
-MAX_EVENTS_PER_REQUEST = 2000
-MAX_GROUP_IDENTIFICATIONS = 1024
+from .amplitude.limits import MAX_EVENTS_PER_REQUEST, REGION_URLS
 
 # A table name or schema.table made of identifier characters only: the name is put into SQL.
 _TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,115}(\.[A-Za-z_][A-Za-z0-9_]{0,115})?$")
@@ -43,10 +38,11 @@ class Settings(BaseSettings):
     amplitude_region: Literal["us", "eu"] = Field("us", alias="AMPLITUDE_REGION")
     amplitude_server_url: str | None = Field(None, alias="AMPLITUDE_SERVER_URL")
     # Events go through Batch by default: it deduplicates by insert_id across devices and allows
-    # 1000 events/s per user instead of 30 (reference §2). `http_v2` for low latency.
+    # 1000 events/s per user instead of 30 (docs/amplitude.md, "Deduplication" and
+    # "Throttling"). `http_v2` for low latency.
     event_api: Literal["batch", "http_v2"] = Field("batch", alias="AMPSYNC_EVENT_API")
     # Identify rows go as `$identify` events through the event API (idempotent by insert_id);
-    # `identify` selects the form API of the seed article, which deduplicates nothing.
+    # `identify` selects the form Identify API, which deduplicates nothing.
     identify_api: Literal["batch", "http_v2", "identify"] = Field(
         "batch", alias="AMPSYNC_IDENTIFY_API"
     )
@@ -61,7 +57,8 @@ class Settings(BaseSettings):
     max_attempts: int = Field(12, ge=1, le=1000, alias="AMPSYNC_MAX_ATTEMPTS")
     # A pending row first tried longer ago than this fails instead of being sent: Amplitude
     # deduplicates a re-sent insert_id for 7 days only, so 6 days keeps every re-send inside
-    # that window. 0 = no limit. At most ~23 days (SQL Server's DATEADD takes milliseconds).
+    # that window. 0 = no limit. At most ~23 days: SQL Server's DATEADD takes an int of
+    # milliseconds (docs/sqlserver.md, "Known limitations").
     max_age_seconds: int = Field(6 * 86400, ge=0, le=2_000_000, alias="AMPSYNC_MAX_AGE_SECONDS")
     # Backoff after a transient failure: base * 2**(attempts-1), capped, with ±50% jitter.
     backoff_base_seconds: float = Field(10.0, ge=0, alias="AMPSYNC_BACKOFF_BASE")
@@ -71,7 +68,8 @@ class Settings(BaseSettings):
     pause_after_failures: int = Field(3, ge=1, alias="AMPSYNC_PAUSE_AFTER_FAILURES")
     pause_base_seconds: float = Field(30.0, ge=0, alias="AMPSYNC_PAUSE_BASE")
     pause_max_seconds: float = Field(600.0, ge=0, alias="AMPSYNC_PAUSE_MAX")
-    # Waits Amplitude asks for on 429 (reference §1, §2, §3) and for users over the daily quota.
+    # Waits Amplitude asks for on 429 (docs/amplitude.md, "429") and for users over the daily
+    # quota.
     throttle_wait_v2_seconds: float = Field(30.0, ge=0, alias="AMPSYNC_THROTTLE_WAIT_V2")
     throttle_wait_batch_seconds: float = Field(15.0, ge=0, alias="AMPSYNC_THROTTLE_WAIT_BATCH")
     daily_quota_wait_seconds: float = Field(3600.0, ge=0, alias="AMPSYNC_DAILY_QUOTA_WAIT")
@@ -80,9 +78,9 @@ class Settings(BaseSettings):
     # An event_time further ahead than this is a mistake in the row (the past is fine).
     max_future_seconds: int = Field(86400, ge=0, alias="AMPSYNC_MAX_FUTURE_SECONDS")
     # Send tasks kept waiting in the broker at most; a sync claims no more than this many
-    # batches ahead of the workers, so every claim starts well within its lease (16 × 2000
-    # rows start within seconds at 10k+ rows/s). 8 starved 4 send processes at 100 ms latency:
-    # 16 gave +19% (21.9k → 26.1k rows/s, 100k events, bench/README.md).
+    # batches ahead of the workers, so every claim starts well within its lease. With 8, send
+    # processes sat waiting for work when Amplitude was slow to answer; 16 keeps them fed
+    # (bench/README.md, finding 5 and the "Knobs" table).
     max_queued_batches: int = Field(16, ge=1, le=1000, alias="AMPSYNC_MAX_QUEUED_BATCHES")
 
     # Retention: `sent` rows and run history older than this many days are deleted hourly,
@@ -95,7 +93,7 @@ class Settings(BaseSettings):
     sync_interval: float = Field(60.0, gt=0, alias="AMPSYNC_SYNC_INTERVAL")
     worker_concurrency: int | None = Field(None, ge=1, le=256, alias="AMPSYNC_WORKER_CONCURRENCY")
 
-    # --- Feeds (tasks/feeds.py) ------------------------------------------------------------
+    # --- Feeds (tasks/feeds/) --------------------------------------------------------------
     # The TOML file declaring feeds, relative to the working directory; missing = no feeds.
     feeds_file: str = Field("ampsync-feeds.toml", alias="AMPSYNC_FEEDS_FILE")
     # `json`: one JSON object per log line, for log shippers (tasks/logs.py).
@@ -150,10 +148,6 @@ class Settings(BaseSettings):
     @property
     def server_url(self) -> str:
         return self.amplitude_server_url or REGION_URLS[self.amplitude_region]
-
-    @property
-    def rows_per_batch(self) -> int:
-        return self.batch_size or MAX_EVENTS_PER_REQUEST
 
     @property
     def queue_schema_and_name(self) -> tuple[str | None, str]:

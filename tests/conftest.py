@@ -2,202 +2,46 @@
 MariaDB / SQLite queue tables, and the emulator as Amplitude.
 
 The test process itself only publishes tasks (`sync.delay()`) and reads the database.
+
+The tiers: tests/unit (pure rules, no services), tests/integration (real databases and the
+emulator, no worker), tests/e2e (real workers, `ampsync` commands, Flower, Chromium). Test
+files import their helpers from tests/support, never from here; this file holds the fixtures.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import subprocess
-import sys
-import tempfile
-import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-REDIS_URL = os.environ.get("AMPSYNC_TEST_REDIS", "redis://127.0.0.1:6379/7")
-PG_URL = os.environ.get("AMPSYNC_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-MARIADB_URL = os.environ.get("AMPSYNC_TEST_MARIADB", "mysql+pymysql://root@127.0.0.1:3306/test")
-API_KEY = "test-api-key-123456"
-# The environment of a user who has set nothing (for commands run as subprocesses).
-CLEAN_ENV = {k: v for k, v in os.environ.items()
-             if not k.startswith(("AMPSYNC_", "AMPLITUDE_", "CELERY_"))}  # fmt: skip
+# First: importing support prepares the test process's environment (broker URL, no API key)
+# before anything imports `tasks`. It connects to nothing.
+from support import (
+    API_KEY,
+    DEFAULT_FAULTS,
+    PG_URL,
+    RUNNING,
+    Emulator,
+    Stack,
+    drop_stack,
+    flush_redis,
+    new_stack,
+    run_alone,
+    stop_running_workers,
+)
 
-# The test process publishes to the same broker the workers consume.
-os.environ["CELERY_BROKER_URL"] = REDIS_URL
-os.environ.pop("AMPLITUDE_API_KEY", None)
-os.environ.setdefault("AMPSYNC_EVENTS_PER_SECOND", "0")
-
-from sqlalchemy import delete, func, select  # noqa: E402
-
-from tasks import queue  # noqa: E402
-from tasks.broker import redis_client  # noqa: E402
-from tasks.emulator import Emulator  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-
-# Fast clocks for tests: backoff, pauses and throttle waits in fractions of a second.
-FAST = {
-    "AMPSYNC_BACKOFF_BASE": "0.2",
-    "AMPSYNC_BACKOFF_MAX": "1",
-    "AMPSYNC_PAUSE_BASE": "0.5",
-    "AMPSYNC_PAUSE_MAX": "2",
-    "AMPSYNC_THROTTLE_WAIT_V2": "0.5",
-    "AMPSYNC_THROTTLE_WAIT_BATCH": "0.5",
-    "AMPSYNC_DAILY_QUOTA_WAIT": "1",
-    "AMPSYNC_LEASE_SECONDS": "30",
-    "AMPSYNC_EVENTS_PER_SECOND": "0",
-}
+TESTS = Path(__file__).resolve().parent
+TIERS = ("integration", "e2e")
 
 
-def database_urls() -> dict[str, str]:
-    return {"postgresql": PG_URL, "mariadb": MARIADB_URL}
-
-
-@dataclass
-class Stack:
-    """One configuration of ampsync under test: database, table, emulator, worker."""
-
-    url: str
-    table: str
-    emulator: Emulator
-    base_url: str
-    env: dict[str, str]
-    workers: list[subprocess.Popen] = field(default_factory=list)
-    logs: list[Path] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.tables = queue.define_tables(self.table)
-        self.engine = queue.make_engine(self.url)
-
-    # --- rows --------------------------------------------------------------------------------
-    def insert(self, rows: list[dict]) -> list[int]:
-        q = self.tables.queue
-        with self.engine.begin() as conn:
-            before = conn.execute(select(func.coalesce(func.max(q.c.id), 0))).scalar_one()
-            queue.insert_rows(conn, self.tables, rows)
-            return list(conn.execute(select(q.c.id).where(q.c.id > before).order_by(q.c.id)).scalars())
-
-    def rows(self, *ids: int) -> dict[int, dict]:
-        q = self.tables.queue
-        stmt = select(q).order_by(q.c.id)
-        if ids:
-            stmt = stmt.where(q.c.id.in_(ids))
-        with self.engine.connect() as conn:
-            return {r.id: dict(r._mapping) for r in conn.execute(stmt)}
-
-    def counts(self) -> dict[str, int]:
-        q = self.tables.queue
-        with self.engine.connect() as conn:
-            return dict(conn.execute(select(q.c.status, func.count()).group_by(q.c.status)).all())
-
-    def clear(self) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(delete(self.tables.queue))
-            conn.execute(delete(self.tables.endpoints))
-            conn.execute(delete(self.tables.runs))
-        self.emulator.reset()
-        self.emulator.set_faults(**DEFAULT_FAULTS)
-
-    # --- workers -----------------------------------------------------------------------------
-    def start_worker(self, concurrency: int = 2, beat: bool = False, extra_env: dict | None = None,
-                     wait: bool = True, queues: str | None = None) -> subprocess.Popen:  # fmt: skip
-        from tasks.cli import worker_command
-
-        log = Path(tempfile.mkstemp(prefix="ampsync-worker-", suffix=".log")[1])
-        self.logs.append(log)
-        env = {**os.environ, **self.env, **(extra_env or {})}
-        cmd = worker_command(beat=beat, concurrency=concurrency, loglevel="INFO",
-                             beat_schedule_file=str(log.with_suffix(".beat")))  # fmt: skip
-        cmd += ["-n", f"w{uuid.uuid4().hex[:6]}@%h"]
-        if queues:
-            cmd[cmd.index("-Q") + 1] = queues
-        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log.open("wb"),
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        self.workers.append(proc)
-        if wait:
-            wait_for_worker(proc, log)
-        return proc
-
-    def stop_workers(self) -> None:
-        for proc in self.workers:
-            stop_process(proc)
-        self.workers.clear()
-
-    def log_tail(self, chars: int = 4000) -> str:
-        return "\n".join(p.read_text(errors="replace")[-chars:] for p in self.logs)
-
-    # --- running -----------------------------------------------------------------------------
-    def sync(self, kind: str | None = None, timeout: float = 30) -> dict:
-        from tasks import sync
-
-        return sync.delay(kind=kind).get(timeout=timeout)
-
-    def drain(self, timeout: float = 60, kind: str | None = None) -> dict[str, int]:
-        """Sync until no row is pending or in flight; returns the final counts."""
-        deadline = time.monotonic() + timeout
-        while True:
-            counts = self.counts()
-            if not counts.get("pending") and not counts.get("in_flight"):
-                return counts
-            if time.monotonic() > deadline:
-                raise AssertionError(f"queue did not drain: {counts}\n{self.log_tail()}")
-            self.sync(kind)
-            time.sleep(0.3)
-
-    def state(self) -> dict:
-        return self.emulator.snapshot()
-
-    def status(self) -> dict:
-        """What `ampsync status --json` reports for this stack."""
-        from tasks import settings, status
-
-        s = settings.Settings(AMPSYNC_DATABASE_URL=self.url, AMPSYNC_QUEUE_TABLE=self.table)
-        return status.collect(s, self.tables, self.engine)
-
-
-DEFAULT_FAULTS = {
-    "latency_ms": 0, "fail_before_rate": 0.0, "fail_after_rate": 0.0, "html_error_rate": 0.0,
-    "reset_rate": 0.0, "slow_rate": 0.0, "slow_seconds": 0.0, "throttled_users": {},
-    "daily_quota_users": [], "max_events_per_request": None, "max_bytes_per_request": None,
-    "fail_next": [], "down": False,
-}  # fmt: skip
-
-
-def wait_for_worker(proc: subprocess.Popen, log: Path, timeout: float = 40) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = log.read_text(errors="replace")
-        if " ready." in text:
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"worker exited with {proc.returncode}:\n{text[-4000:]}")
-        time.sleep(0.2)
-    raise AssertionError(f"worker not ready after {timeout} s:\n{log.read_text()[-4000:]}")
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, 15)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 9)
-        proc.wait(10)
-
-
-def flush_redis() -> None:
-    client = redis_client(REDIS_URL)
-    client.flushdb()
-    client.close()
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test of tests/integration and tests/e2e with its tier, so that one tier can be
+    left out by marker (`-m "not e2e"`); the default run runs every tier."""
+    for item in items:
+        path = Path(item.path).resolve()
+        if path.is_relative_to(TESTS) and path.relative_to(TESTS).parts[0] in TIERS:
+            item.add_marker(path.relative_to(TESTS).parts[0])
 
 
 @pytest.fixture(scope="session")
@@ -208,104 +52,44 @@ def emulator() -> Iterator[tuple[Emulator, str]]:
     emu.stop()
 
 
-def _make_stack(emulator, url: str, env: dict[str, str] | None = None) -> Stack:
-    emu, base_url = emulator
-    table = f"q_{uuid.uuid4().hex[:10]}"
-    full_env = {
-        **FAST,
-        "AMPSYNC_DATABASE_URL": url,
-        "AMPSYNC_QUEUE_TABLE": table,
-        "AMPLITUDE_API_KEY": API_KEY,
-        "AMPLITUDE_SERVER_URL": base_url,
-        "CELERY_BROKER_URL": REDIS_URL,
-        **(env or {}),
-    }
-    stack = Stack(url=url, table=table, emulator=emu, base_url=base_url, env=full_env)
-    queue.init_db(stack.engine, stack.tables)
-    return stack
-
-
-def _drop(stack: Stack) -> None:
-    stack.stop_workers()
-    with contextlib.suppress(Exception), stack.engine.begin() as conn:
-        for table in reversed(stack.tables.metadata.sorted_tables):
-            table.drop(conn, checkfirst=True)
-    stack.engine.dispose()
-
-
-# Stacks whose workers are running: workers of different stacks share the test broker, so
-# only one stack may have workers at a time (another's worker would take its send tasks).
-_RUNNING: list[Stack] = []
-
-
-def _only(stack: Stack) -> None:
-    for other in list(_RUNNING):
-        if other is not stack:
-            other.stop_workers()
-            _RUNNING.remove(other)
-    if stack not in _RUNNING:
-        _RUNNING.append(stack)
-
-
 @pytest.fixture
 def make_stack(emulator, tmp_path):
     """Factory: a fresh table and configuration; workers are started by the test."""
     made: list[Stack] = []
 
     def factory(url: str | None = None, **env: str) -> Stack:
-        for other in list(_RUNNING):
-            other.stop_workers()
-            _RUNNING.remove(other)
+        stop_running_workers()
         flush_redis()
         emulator[0].reset()
         emulator[0].set_faults(**DEFAULT_FAULTS)
-        stack = _make_stack(emulator, url or PG_URL, env)
-        _RUNNING.append(stack)
+        stack = new_stack(emulator, url or PG_URL, env)
+        RUNNING.append(stack)
         made.append(stack)
         return stack
 
     yield factory
     for stack in made:
-        if stack in _RUNNING:
-            _RUNNING.remove(stack)
-        _drop(stack)
+        if stack in RUNNING:
+            RUNNING.remove(stack)
+        drop_stack(stack)
 
 
 @pytest.fixture(scope="module")
 def pg_stack(emulator) -> Iterator[Stack]:
     """A PostgreSQL stack with a running worker, shared by a module; cleared per test."""
-    stack = _make_stack(emulator, PG_URL)
+    stack = new_stack(emulator, PG_URL)
     yield stack
-    if stack in _RUNNING:
-        _RUNNING.remove(stack)
-    _drop(stack)
+    if stack in RUNNING:
+        RUNNING.remove(stack)
+    drop_stack(stack)
 
 
 @pytest.fixture
 def pg(pg_stack: Stack) -> Stack:
-    _only(pg_stack)
+    run_alone(pg_stack)
     if not any(w.poll() is None for w in pg_stack.workers):
         flush_redis()
         pg_stack.stop_workers()
         pg_stack.start_worker()
     pg_stack.clear()
     return pg_stack
-
-
-def identify(user_id: str, props: dict, **extra) -> dict:
-    return {"kind": "identify", "user_id": user_id, "properties": json.dumps(props), **extra}
-
-
-def event(user_id: str, event_type: str, props: dict | None = None, **extra) -> dict:
-    row = {"kind": "event", "user_id": user_id, "event_type": event_type,
-           "properties": json.dumps(props) if props is not None else None}  # fmt: skip
-    row.update(extra)
-    return row
-
-
-def group(group_type: str, value: str, props: dict) -> dict:
-    return {"kind": "group_identify", "group_type": group_type, "group_value": value,
-            "properties": json.dumps(props)}  # fmt: skip
-
-
-sys.path.insert(0, str(ROOT))

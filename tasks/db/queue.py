@@ -1,0 +1,620 @@
+"""The queue table's statements, each named: claim, sweep, renew and load, acknowledge, retry,
+prune. Built with SQLAlchemy Core so one logic compiles for SQL Server, PostgreSQL,
+MySQL/MariaDB and SQLite; the tests compile them for each dialect (T-SQL parsed as SQL Server
+would). docs/architecture.md says how to add one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    Row,
+    Select,
+    Table,
+    Update,
+    and_,
+    case,
+    exists,
+    func,
+    literal_column,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.engine import Compiled, Dialect
+from sqlalchemy.sql.expression import ColumnClause, ColumnElement, FromClause
+
+from ..amplitude.payloads import ROW_COLUMNS
+from ..outcomes import FAILURE_CLASSES, GAVE_UP, INVALID, KINDS, ORDERED_KINDS
+from .schema import QueueTables
+from .sql import FAILED, IN_FLIGHT, PENDING, SENT, lit, utcnow, utcnow_plus
+
+# SQL Server caps a statement at 2100 parameters; id lists are sent in chunks below that.
+_IDS_PER_STATEMENT = 1000
+
+# --- claim -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claim:
+    token: str
+    rows: int
+    last_id: int = 0  # the highest id claimed; 0 when nothing was
+
+    def next_floor(self, limit: int) -> int:
+        """Where the next claim of the kind starts (`after_id`): past this one when it was full;
+        after a short one, at the oldest due row again, where retried and released rows wait."""
+        return self.last_id if self.rows == limit else 0
+
+
+def _earlier_of_same_key(
+    q: Table,
+    kind: str,
+    later: FromClause[Any],
+    conditions: Callable[[FromClause[Any]], tuple[ColumnElement[bool], ...]],
+) -> ColumnElement[bool]:
+    """An earlier row of `later`'s key (user, else device, else group) meets the conditions.
+
+    One EXISTS per kind of key, each a seek on its index (kind, key, id): an OR of the keys
+    inside one EXISTS made PostgreSQL scan every row of the kind per candidate; split, each
+    candidate costs two index seeks (bench/README.md, finding 1).
+    """
+    earlier = q.alias("earlier")
+    base = (earlier.c.kind == lit(kind), earlier.c.id < later.c.id, *conditions(earlier))
+    if kind == "group_identify":
+        return exists().where(
+            *base,
+            earlier.c.group_type == later.c.group_type,
+            earlier.c.group_value == later.c.group_value,
+        )
+    return or_(
+        and_(
+            later.c.user_id.is_not(None),
+            exists().where(*base, earlier.c.user_id == later.c.user_id),
+        ),
+        and_(
+            later.c.user_id.is_(None),
+            exists().where(
+                *base, earlier.c.user_id.is_(None), earlier.c.device_id == later.c.device_id
+            ),
+        ),
+    )
+
+
+def claim_statement(
+    tables: QueueTables, kind: str, limit: int, lease_seconds: float, token: str, after_id: int = 0
+) -> tuple[Select[Any], Update]:
+    """The claim, as one statement (two on MySQL, which lacks UPDATE … RETURNING).
+
+    Due rows of one kind, oldest first, skipping rows another claim has locked. A row of an
+    ordered kind waits while an earlier row of its key is in flight or backing off; an earlier
+    row that is due travels in the same batch, ahead of it.
+    `after_id` (the keyset floor) starts the index seek past rows a previous claim took: with
+    statistics taken while every row was pending, PostgreSQL otherwise walks the primary key
+    over every row already claimed, so claims grow through a drain; with the floor they stay
+    flat (bench/README.md, finding 3). The same-key check ignores it.
+    Returns (select of candidate ids, update of those ids) — the update is `.returning(id)`.
+    """
+    assert kind in KINDS
+    q = tables.queue
+    candidate = q.alias("candidate")
+    now = utcnow()
+    due = and_(
+        candidate.c.kind == lit(kind),
+        candidate.c.status == PENDING,
+        or_(candidate.c.next_attempt_at.is_(None), candidate.c.next_attempt_at <= now),
+    )
+    if kind in ORDERED_KINDS:
+        blocked = _earlier_of_same_key(
+            q,
+            kind,
+            candidate,
+            lambda earlier: (
+                or_(
+                    earlier.c.status == IN_FLIGHT,
+                    and_(earlier.c.status == PENDING, earlier.c.next_attempt_at > now),
+                ),
+            ),
+        )
+        due = and_(due, ~blocked)
+    if after_id:
+        due = and_(due, candidate.c.id > after_id)
+    pick = (
+        select(candidate.c.id)
+        .where(due)
+        .order_by(candidate.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True, of=candidate)
+        .with_hint(candidate, "WITH (ROWLOCK, UPDLOCK, READPAST)", dialect_name="mssql")
+    )
+    stamp = update(q).values(
+        status=IN_FLIGHT,
+        claim_token=token,
+        locked_until=utcnow_plus(literal_column(str(float(lease_seconds)))),
+        attempts=q.c.attempts + 1,
+        first_attempt_at=func.coalesce(q.c.first_attempt_at, utcnow()),
+    )
+    return pick, stamp
+
+
+def claim(
+    conn: Connection,
+    tables: QueueTables,
+    kind: str,
+    limit: int,
+    lease_seconds: float,
+    after_id: int = 0,
+) -> Claim:
+    """Claim up to `limit` due rows of `kind` with ids above `after_id` under a new token
+    (commits)."""
+    token = uuid.uuid4().hex
+    pick, stamp = claim_statement(tables, kind, limit, lease_seconds, token, after_id)
+    q = tables.queue
+    with conn.begin():
+        if conn.dialect.name in ("mysql", "mariadb"):
+            ids = list(conn.execute(pick).scalars())  # locked FOR UPDATE until the commit
+            for chunk in _chunks(ids):
+                conn.execute(stamp.where(q.c.id.in_(chunk)))
+        else:
+            statement = stamp.where(q.c.id.in_(pick.scalar_subquery())).returning(q.c.id)
+            ids = list(conn.execute(statement).scalars())
+    return Claim(token, len(ids), max(ids, default=0))
+
+
+def compiled_claim(
+    tables: QueueTables,
+    kind: str,
+    limit: int,
+    lease_seconds: float,
+    dialect: Dialect,
+    after_id: int = 0,
+) -> Compiled:
+    """The claim statement as the given dialect would run it (for review and tests)."""
+    pick, stamp = claim_statement(tables, kind, limit, lease_seconds, "0" * 32, after_id)
+    q = tables.queue
+    statement = stamp.where(q.c.id.in_(pick.scalar_subquery())).returning(q.c.id)
+    return statement.compile(dialect=dialect, compile_kwargs={"literal_binds": True})
+
+
+# --- sweep -------------------------------------------------------------------------------------
+
+
+def _gave_up(q: Table, why: str) -> ColumnElement[str]:
+    """The last_error of a row ampsync stops retrying: the class, why, then the error before."""
+    assert "'" not in why
+    return func.substring(
+        literal_column(f"'{GAVE_UP} {why}; last error: '")
+        + func.coalesce(q.c.last_error, literal_column("'none'")),
+        1,
+        2000,
+    )
+
+
+def sweep_statements(
+    tables: QueueTables, max_attempts: int, max_age_seconds: float = 0
+) -> tuple[Update, ...]:
+    """Leases that expired (a worker died or lost its message): the row is due again, or failed
+    once its attempts are spent (attempts count at claim, so a row that kills its worker ends).
+    With a maximum age, pending rows first tried longer ago than that fail too: a re-send after
+    Amplitude's 7-day dedup window could count twice."""
+    q = tables.queue
+    expired = and_(q.c.status == IN_FLIGHT, q.c.locked_until < utcnow())
+    give_up = (
+        update(q)
+        .where(expired, q.c.attempts >= max_attempts)
+        .values(
+            status=FAILED,
+            claim_token=None,
+            locked_until=None,
+            last_error=_gave_up(
+                q, f"{max_attempts} attempts: lease expired (the worker died or stopped mid-batch)"
+            ),
+        )
+    )
+    release = (
+        update(q)
+        .where(expired, q.c.attempts < max_attempts)
+        .values(status=PENDING, claim_token=None, locked_until=None)
+    )
+    # No claim ever selects a kind it does not know: such a row would stay pending forever.
+    unknown_kind = (
+        update(q)
+        .where(q.c.status == PENDING, _unknown_kind(q))
+        .values(
+            status=FAILED,
+            last_error=literal_column(f"'{INVALID} kind '''")
+            + q.c.kind
+            + literal_column(f"''' is not one of {', '.join(KINDS)}'"),
+        )
+    )
+    if not max_age_seconds:
+        return give_up, release, unknown_kind
+    too_old = (
+        update(q)
+        .where(
+            q.c.status == PENDING,
+            q.c.first_attempt_at < utcnow_plus(literal_column(str(-float(max_age_seconds)))),
+        )
+        .values(
+            status=FAILED,
+            next_attempt_at=None,
+            last_error=_gave_up(
+                q,
+                f"{max_age_seconds:g} s: pending longer than "
+                f"AMPSYNC_MAX_AGE_SECONDS ({max_age_seconds:g} s) since its "
+                "first attempt",
+            ),
+        )
+    )
+    return give_up, release, unknown_kind, too_old
+
+
+def _unknown_kind(q: Table) -> ColumnElement[bool]:
+    """kind is none of KINDS, written as the ranges between them: the claim index (kind, status,
+    id) answers with a few empty seeks instead of reading every pending row."""
+    known = sorted(KINDS)
+    return or_(
+        q.c.kind < lit(known[0]),
+        *(and_(q.c.kind > lit(a), q.c.kind < lit(b)) for a, b in itertools.pairwise(known)),
+        q.c.kind > lit(known[-1]),
+    )
+
+
+def sweep(
+    conn: Connection,
+    tables: QueueTables,
+    max_attempts: int,
+    max_age_seconds: float = 0,
+    thorough: bool = True,
+) -> tuple[int, int]:
+    """Run the sweep; returns (rows failed, rows released). Expired leases are released on every
+    call; the unsendable-row statements (unknown kind, too old) run only when `thorough`, on
+    beat's and manual syncs, not on every follow-up of a drain (bench/README.md, finding 4)."""
+    give_up, release, *unsendable = sweep_statements(tables, max_attempts, max_age_seconds)
+    with conn.begin():
+        failed = conn.execute(give_up).rowcount
+        released = conn.execute(release).rowcount
+        if thorough:
+            failed += sum(conn.execute(statement).rowcount for statement in unsendable)
+    return failed, released
+
+
+# --- send side: renew, load, acknowledge -------------------------------------------------------
+
+
+def renew_statement(tables: QueueTables, token: str, lease_seconds: float) -> Update:
+    q = tables.queue
+    return (
+        update(q)
+        .where(q.c.claim_token == token, q.c.status == IN_FLIGHT)
+        .values(locked_until=utcnow_plus(literal_column(str(float(lease_seconds)))))
+    )
+
+
+def renew(conn: Connection, tables: QueueTables, token: str, lease_seconds: float) -> int:
+    """Extend the lease of this claim's rows; 0 means the claim is no longer ours."""
+    with conn.begin():
+        return conn.execute(renew_statement(tables, token, lease_seconds)).rowcount
+
+
+def renew_and_load(
+    conn: Connection, tables: QueueTables, token: str, lease_seconds: float, send_seconds: float
+) -> Sequence[Row[Any]]:
+    """The claim's rows in id order, their lease renewed; [] when the claim is no longer ours.
+
+    The lease is written only when what is left would not cover a send of the longest allowed
+    time, `send_seconds` (the message waited in the broker): every UPDATE writes a new version of each row and
+    its index entries, and a renewal nobody needs was a third of the database's writes per row.
+    """
+    q = tables.queue
+    left: ColumnClause[float] = literal_column(str(float(send_seconds)))
+    short = (q.c.locked_until < utcnow_plus(left)).label("short")
+    with conn.begin():
+        rows = conn.execute(load_statement(tables, token).add_columns(short)).all()
+    if rows and rows[0].short:  # one claim, one statement: every row has the same lease
+        renew(conn, tables, token, lease_seconds)
+    return rows
+
+
+def count_rerun(conn: Connection, tables: QueueTables, token: str, max_attempts: int) -> int:
+    """A send task run again because its worker died mid-send (Celery redelivers its message):
+    the lost run was an attempt. Without this a batch that kills its worker every time would
+    run forever, renewing its own lease. Rows whose attempts are spent fail; the others count
+    one more attempt. Returns the number of rows failed."""
+    q = tables.queue
+    mine = and_(q.c.claim_token == token, q.c.status == IN_FLIGHT)
+    with conn.begin():
+        failed = conn.execute(
+            update(q)
+            .where(mine, q.c.attempts >= max_attempts)
+            .values(
+                status=FAILED,
+                claim_token=None,
+                locked_until=None,
+                last_error=_gave_up(
+                    q,
+                    f"{max_attempts} attempts: the worker sending the "
+                    "batch died (killed, out of memory or crashed); see the "
+                    "worker log",
+                ),
+            )
+        ).rowcount
+        conn.execute(update(q).where(mine).values(attempts=q.c.attempts + 1))
+    return failed
+
+
+def defer_out_of_order(conn: Connection, tables: QueueTables, kind: str, token: str) -> set[int]:
+    """Give back rows whose earlier same-key row is unfinished in another claim (two claims
+    raced past each other); they keep their attempt and go out after that row."""
+    if kind not in ORDERED_KINDS:
+        return set()
+    q = tables.queue
+    mine = q.alias("mine")
+    blocked = select(mine.c.id).where(
+        mine.c.claim_token == token,
+        _earlier_of_same_key(
+            q,
+            kind,
+            mine,
+            lambda earlier: (
+                earlier.c.status.in_([PENDING, IN_FLIGHT]),
+                or_(earlier.c.claim_token.is_(None), earlier.c.claim_token != token),
+            ),
+        ),
+    )
+    with conn.begin():
+        ids = list(conn.execute(blocked).scalars())
+        for chunk in _chunks(ids):
+            conn.execute(
+                update(q)
+                .where(q.c.claim_token == token, q.c.id.in_(chunk))
+                .values(
+                    status=PENDING, claim_token=None, locked_until=None, attempts=q.c.attempts - 1
+                )
+            )
+    return set(ids)
+
+
+def load_statement(tables: QueueTables, token: str) -> Select[Any]:
+    q = tables.queue
+    return (
+        select(*(q.c[name] for name in ROW_COLUMNS))
+        .where(q.c.claim_token == token, q.c.status == IN_FLIGHT)
+        .order_by(q.c.id)
+    )
+
+
+def load(conn: Connection, tables: QueueTables, token: str) -> Sequence[Row[Any]]:
+    with conn.begin():
+        return conn.execute(load_statement(tables, token)).all()
+
+
+@dataclass
+class Acknowledgement:
+    """How each row of a claim ended, applied in one transaction."""
+
+    sent: list[int]
+    failed: dict[int, str]
+    # (delay seconds, refund attempt, reason) -> ids
+    retry: dict[tuple[float, bool, str], list[int]]
+    # Set by the sender when `sent` holds every row the claim still has.
+    all_sent: bool = False
+
+
+def ack_statements(tables: QueueTables, token: str, ack: Acknowledgement) -> list[Update]:
+    """One UPDATE per outcome (ids in chunks), never one per row. Every statement is bounded
+    by the claim token, so a late or duplicated send task cannot overwrite a newer claim."""
+    q = tables.queue
+    mine = and_(q.c.claim_token == token, q.c.status == IN_FLIGHT)
+    if ack.all_sent:  # the common case: one statement by claim token, no id list
+        return [
+            update(q)
+            .where(mine)
+            .values(
+                status=SENT,
+                sent_at=utcnow(),
+                claim_token=None,
+                locked_until=None,
+                last_error=None,
+                next_attempt_at=None,
+            )
+        ]
+    statements = [
+        update(q)
+        .where(mine, q.c.id.in_(chunk))
+        .values(
+            status=SENT,
+            sent_at=utcnow(),
+            claim_token=None,
+            locked_until=None,
+            last_error=None,
+            next_attempt_at=None,
+        )
+        for chunk in _chunks(ack.sent)
+    ]
+    for chunk in _chunks(sorted(ack.failed)):
+        reasons = case({i: ack.failed[i][:2000] for i in chunk}, value=q.c.id)
+        statements.append(
+            update(q)
+            .where(mine, q.c.id.in_(chunk))
+            .values(status=FAILED, last_error=reasons, claim_token=None, locked_until=None)
+        )
+    for (delay, refund, reason), ids in ack.retry.items():
+        statements += [
+            update(q)
+            .where(mine, q.c.id.in_(chunk))
+            .values(
+                status=PENDING,
+                claim_token=None,
+                locked_until=None,
+                next_attempt_at=utcnow_plus(literal_column(repr(float(delay)))),
+                attempts=q.c.attempts - 1 if refund else q.c.attempts,
+                last_error=reason[:2000],
+            )
+            for chunk in _chunks(sorted(ids))
+        ]
+    return statements
+
+
+def acknowledge(
+    conn: Connection,
+    tables: QueueTables,
+    token: str,
+    ack: Acknowledgement,
+    history: dict[str, Any] | None = None,
+) -> int:
+    """Write the outcome of a claim, and its run-history row, in one transaction; returns the
+    number of rows changed."""
+    with conn.begin():
+        changed = sum(conn.execute(st).rowcount for st in ack_statements(tables, token, ack))
+        if history is not None:
+            conn.execute(tables.runs.insert().values(**history))
+        return changed
+
+
+def prune(
+    conn: Connection,
+    tables: QueueTables,
+    sent_days: float,
+    history_days: float,
+    chunk: int = _IDS_PER_STATEMENT,
+) -> tuple[int, int]:
+    """Delete `sent` rows and run history older than the given days, a chunk at a time so
+    no statement holds many locks (SQL Server escalates past ~5000). 0 days = keep."""
+    q, runs = tables.queue, tables.runs
+    deleted = [0, 0]
+    targets: tuple[tuple[Table, Callable[[], ColumnElement[bool]], float], ...] = (
+        (
+            q,
+            lambda: and_(q.c.status == SENT, q.c.sent_at < utcnow_plus(-sent_days * 86400)),
+            sent_days,
+        ),
+        (runs, lambda: runs.c.finished_at < utcnow_plus(-history_days * 86400), history_days),
+    )
+    for n, (table, where, days) in enumerate(targets):
+        if not days:
+            continue
+        while True:
+            ids = select(table.c.id).where(where()).order_by(table.c.id).limit(chunk)
+            with conn.begin():
+                batch = list(conn.execute(ids).scalars())
+                if batch:
+                    conn.execute(table.delete().where(table.c.id.in_(batch)))
+            deleted[n] += len(batch)
+            if len(batch) < chunk:
+                break
+    return deleted[0], deleted[1]
+
+
+def insert_rows(conn: Connection, tables: QueueTables, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert rows that may name different columns (as a user's SQL would write them)."""
+    columns = sorted({key for row in rows for key in row})
+    conn.execute(tables.queue.insert(), [{c: row.get(c) for c in columns} for row in rows])
+
+
+# --- operator statements -----------------------------------------------------------------------
+
+
+def retry_failed(
+    conn: Connection,
+    tables: QueueTables,
+    kind: str | None = None,
+    ids: Sequence[int] | None = None,
+    failure_class: str | None = "gave-up",
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> int:
+    """Put the selected failed rows back to pending as new: attempts and the first-attempt
+    clock (AMPSYNC_MAX_AGE_SECONDS) start again. Returns the number of rows."""
+    q = tables.queue
+    where = _failed_where(q, kind, failure_class, since, until)
+    values = dict(
+        status=PENDING,
+        attempts=0,
+        next_attempt_at=None,
+        claim_token=None,
+        locked_until=None,
+        first_attempt_at=None,
+    )
+    with conn.begin():
+        return sum(
+            conn.execute(update(q).where(*where, *chunk).values(**values)).rowcount
+            for chunk in _id_filters(q, ids)
+        )
+
+
+def failed_first_tried_before(
+    conn: Connection,
+    tables: QueueTables,
+    seconds: float,
+    kind: str | None = None,
+    ids: Sequence[int] | None = None,
+    failure_class: str | None = "gave-up",
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> int:
+    """How many of the failed rows `retry_failed` would select were first tried over `seconds`
+    ago (the caller passes Amplitude's dedup window)."""
+    q = tables.queue
+    where = _failed_where(q, kind, failure_class, since, until)
+    old = q.c.first_attempt_at < utcnow_plus(literal_column(str(-float(seconds))))
+    with conn.begin():
+        return sum(
+            conn.execute(select(func.count()).where(*where, old, *chunk)).scalar_one()
+            for chunk in _id_filters(q, ids)
+        )
+
+
+def _failed_where(
+    q: Table,
+    kind: str | None,
+    failure_class: str | None,
+    since: datetime | None,
+    until: datetime | None,
+) -> list[ColumnElement[bool]]:
+    where = [q.c.status == FAILED]
+    if kind:
+        where.append(q.c.kind == lit(kind))
+    if failure_class:
+        where.append(q.c.last_error.like(FAILURE_CLASSES[failure_class] + "%"))
+    if since:
+        where.append(q.c.created_at >= since)
+    if until:
+        where.append(q.c.created_at < until)
+    return where
+
+
+def _id_filters(q: Table, ids: Sequence[int] | None) -> list[list[ColumnElement[bool]]]:
+    """One extra condition list per chunk of ids; no condition when ids is not given."""
+    if not ids:
+        return [[]]
+    return [[q.c.id.in_(chunk)] for chunk in _chunks(list(ids))]
+
+
+def has_due_rows(conn: Connection, tables: QueueTables, kind: str) -> bool:
+    q = tables.queue
+    with conn.begin():
+        return (
+            conn.execute(
+                select(q.c.id)
+                .where(
+                    q.c.kind == lit(kind),
+                    q.c.status == PENDING,
+                    or_(q.c.next_attempt_at.is_(None), q.c.next_attempt_at <= utcnow()),
+                )
+                .limit(1)
+            ).first()
+            is not None
+        )
+
+
+def _chunks(ids: list[int], size: int = _IDS_PER_STATEMENT) -> Iterable[list[int]]:
+    for start in range(0, len(ids), size):
+        yield ids[start : start + size]

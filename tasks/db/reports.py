@@ -1,0 +1,103 @@
+"""What operators read of the queue table: rows by kind and status (counted here only), the
+oldest pending row, rows on backoff, the commonest errors of failed rows."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, func, select
+
+from .schema import QueueTables
+from .sql import FAILED, PENDING, lit, utcnow
+
+
+def row_counts(
+    conn: Connection, tables: QueueTables, kind: str | None = None, max_id: int | None = None
+) -> dict[str, dict[str, int]]:
+    """{kind: {status: rows}}, for one kind and rows up to an id when given."""
+    q = tables.queue
+    statement = select(q.c.kind, q.c.status, func.count()).group_by(q.c.kind, q.c.status)
+    if kind:
+        statement = statement.where(q.c.kind == lit(kind))
+    if max_id is not None:
+        statement = statement.where(q.c.id <= max_id)
+    counts: dict[str, dict[str, int]] = defaultdict(dict)
+    with conn.begin():
+        for k, status, n in conn.execute(statement.order_by(q.c.kind, q.c.status)):
+            counts[k][status] = n
+    return dict(counts)
+
+
+def by_status(counts: dict[str, dict[str, int]]) -> dict[str, int]:
+    """`row_counts` summed over kinds: {status: rows}."""
+    totals: dict[str, int] = {}
+    for statuses in counts.values():
+        for status, n in statuses.items():
+            totals[status] = totals.get(status, 0) + n
+    return totals
+
+
+def max_id(conn: Connection, tables: QueueTables, kind: str | None = None) -> int:
+    """The highest id in the table (of one kind), 0 when empty."""
+    q = tables.queue
+    statement = select(func.max(q.c.id))
+    if kind:
+        statement = statement.where(q.c.kind == lit(kind))
+    with conn.begin():
+        return int(conn.execute(statement).scalar() or 0)
+
+
+def pending_overview(conn: Connection, tables: QueueTables) -> dict[str, Any]:
+    """The database's time, the oldest pending row's creation time and the rows on backoff."""
+    q = tables.queue
+    now = utcnow()
+    with conn.begin():
+        db_now, oldest = conn.execute(
+            select(now, func.min(q.c.created_at)).where(q.c.status == PENDING)
+        ).one()
+        backoff = conn.execute(
+            select(func.count()).where(q.c.status == PENDING, q.c.next_attempt_at > now)
+        ).scalar_one()
+    return {"now": db_now, "oldest_pending": oldest, "waiting_on_backoff": backoff}
+
+
+def failures(
+    conn: Connection, tables: QueueTables, common: int = 10, recent: int = 5
+) -> dict[str, list[Any]]:
+    """The commonest errors of failed rows with their counts, and the latest failed rows."""
+    q = tables.queue
+    with conn.begin():
+        errors = conn.execute(
+            select(q.c.last_error, func.count().label("n"))
+            .where(q.c.status == FAILED)
+            .group_by(q.c.last_error)
+            .order_by(func.count().desc())
+            .limit(common)
+        ).all()
+        latest = conn.execute(
+            select(q.c.id, q.c.kind, q.c.user_id, q.c.last_error)
+            .where(q.c.status == FAILED)
+            .order_by(q.c.id.desc())
+            .limit(recent)
+        ).all()
+    return {"common": [tuple(r) for r in errors], "recent": [tuple(r) for r in latest]}
+
+
+def failed_rows(conn: Connection, tables: QueueTables) -> list[tuple[int, str]]:
+    """(id, last_error) of every failed row (the demo's few)."""
+    q = tables.queue
+    with conn.begin():
+        return [
+            tuple(r)
+            for r in conn.execute(
+                select(q.c.id, q.c.last_error).where(q.c.status == FAILED).order_by(q.c.id)
+            )
+        ]
+
+
+def db_now(conn: Connection) -> datetime:
+    """The database's current UTC time."""
+    with conn.begin():
+        return conn.execute(select(utcnow())).scalar_one()

@@ -1,0 +1,2 @@
+"""The delivery path: claim → build payloads → send → read the answer → acknowledge
+(docs/architecture.md)."""

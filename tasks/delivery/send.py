@@ -1,0 +1,330 @@
+"""A send: load the claim's rows → build payloads → deliver → acknowledge every row.
+
+`Delivery` walks the requests of one batch and applies what each answer means (a verdict of
+amplitude/answers.py) to the batch's acknowledgement: sent, failed with a reason, or retried
+after a wait. docs/architecture.md has the table of answers and outcomes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from sqlalchemy import Connection
+from sqlalchemy.exc import DBAPIError
+
+from ..amplitude import payloads
+from ..amplitude.answers import Reading, Verdict, read
+from ..amplitude.payloads import Prepared
+from ..db import endpoints, history, queue, reports
+from ..db.queue import Acknowledgement
+from ..db.sql import utcnow
+from ..outcomes import GAVE_UP, REJECTED, RETRYING
+from ..settings import Settings
+from . import policy
+from .results import SendResult
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
+log = logging.getLogger("ampsync.delivery")
+
+
+def run_send(
+    p: Pipeline, kind: str, token: str, rerun: bool = False, run_id: str = ""
+) -> SendResult:
+    """Send a claimed batch; `rerun` when the task runs again after its worker died."""
+    s = p.settings
+    endpoint = p.endpoint(kind)
+    result = SendResult(kind=kind, token=token, endpoint=endpoint)
+    clock = time.perf_counter
+    t0 = clock()
+    with p.engine.connect() as conn:
+        given_up = queue.count_rerun(conn, p.tables, token, s.max_attempts) if rerun else 0
+        rows = queue.renew_and_load(
+            conn, p.tables, token, s.lease_seconds, policy.send_time_limit(s.lease_seconds)
+        )
+        if not rows:
+            result.stale = not given_up  # another sync reclaimed these rows: send nothing
+            result.failed = given_up
+            return result
+        deferred = queue.defer_out_of_order(conn, p.tables, kind, token)
+        if deferred:
+            rows = [r for r in rows if r.id not in deferred]
+        result.deferred = len(deferred)
+        result.claimed = len(rows)
+        t1 = clock()
+        started = reports.db_now(conn)
+        builder = payloads.Builder(endpoint, s.min_id_length, s.max_future_seconds, started)
+        prepared = builder.prepare(rows)
+        result.truncated = prepared.truncated
+        t2 = clock()
+        ack = Acknowledgement(sent=[], failed=dict(prepared.invalid), retry={})
+        state = endpoints.read(conn, p.tables, endpoint)
+        p.failing[endpoint] = state.failures > 0
+        if state.paused:
+            result.paused = state.reason
+            retry(
+                ack,
+                [i.row_id for i in prepared.items],
+                max(1.0, state.pause_left_seconds),
+                refund=True,
+                reason=f"{RETRYING} {endpoint} paused: {state.reason}",
+            )
+        else:
+            deliver(p, conn, endpoint, prepared.items, ack, rows, result)
+        t3 = clock()
+        ack.all_sent = len(ack.sent) == len(rows)
+        result.sent = len(ack.sent)
+        result.failed = len(ack.failed) + given_up
+        result.retried = sum(len(ids) for ids in ack.retry.values())
+        _acknowledge(
+            p,
+            conn,
+            token,
+            ack,
+            {
+                "run_id": run_id or "manual",
+                "task": history.BATCH,
+                "kind": kind,
+                "claim_token": token,
+                "started_at": started,
+                "finished_at": utcnow(),
+                "rows_claimed": result.claimed,
+                "rows_sent": result.sent,
+                "rows_failed": result.failed,
+                "rows_retried": result.retried,
+                "requests": result.requests,
+                "values_truncated": result.truncated,
+                "answers": orjson.dumps(result.answers).decode(),
+                "error": result.paused,
+            },
+        )
+        t4 = clock()
+    result.seconds = {"load": t1 - t0, "build": t2 - t1, "http": t3 - t2, "ack": t4 - t3}
+    return result
+
+
+def _acknowledge(
+    p: Pipeline, conn: Connection, token: str, ack: Acknowledgement, run: dict[str, Any]
+) -> None:
+    """Write the outcome; if the database dropped the connection while Amplitude answered,
+    once more on a new connection — else the rows would wait out their lease and go again
+    (applied twice through the form APIs, which deduplicate nothing)."""
+    try:
+        queue.acknowledge(conn, p.tables, token, ack, history=run)
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        log.warning(
+            "acknowledging batch %s again on a new connection: %s",
+            token,
+            str(exc.orig).strip().splitlines()[0][:200],
+        )
+        with p.engine.connect() as fresh:
+            queue.acknowledge(fresh, p.tables, token, ack, history=run)
+
+
+def retry(ack: Acknowledgement, ids: list[int], delay: float, refund: bool, reason: str) -> None:
+    """Rows go back to pending after `delay` s; `refund` gives back the attempt their claim
+    counted (the wait was not their fault: a 429, a pause, an earlier request's failure)."""
+    if ids:
+        ack.retry.setdefault((round(delay, 3), refund, reason), []).extend(ids)
+
+
+def keys(item: Prepared) -> set[str]:
+    """The user and device a row speaks for: a 429 for one holds back its later rows."""
+    return {k for k in (item.user_id, item.device_id) if k}
+
+
+def deliver(
+    p: Pipeline,
+    conn: Connection,
+    endpoint: str,
+    items: list[Prepared],
+    ack: Acknowledgement,
+    rows: Sequence[Any],
+    result: SendResult,
+) -> None:
+    """Send the items in requests, in order; the endpoint's shared failure tally is kept here,
+    what each answer means for the rows is `Delivery.apply`'s."""
+    delivery = Delivery(p.settings, endpoint, ack, rows, result)
+    delivery.plan(items)
+    while (request := delivery.next_request()) is not None:
+        p.rate.wait_for(len(request))
+        answer = p.client.send(endpoint, request)
+        reading = read(answer, request, endpoint)
+        pause = 0.0
+        if reading.verdict is Verdict.SENT:
+            _record_success(p, conn, endpoint)
+        elif reading.verdict in (Verdict.TRANSIENT, Verdict.PAUSE):
+            pause = _record_failure(p, conn, endpoint, reading)
+        delivery.apply(answer.status, reading, request, pause)
+
+
+def _record_failure(p: Pipeline, conn: Connection, endpoint: str, reading: Reading) -> float:
+    """Count a failure of the endpoint; past the threshold (or at once for a bad key or a 403)
+    it pauses for all workers. Returns the pause in seconds, 0 when not paused."""
+    s = p.settings
+    pause = endpoints.record_failure(
+        conn,
+        p.tables,
+        endpoint,
+        s.pause_after_failures if reading.verdict is Verdict.PAUSE else 1,
+        reading.reason,
+        lambda failures: policy.pause_seconds(
+            failures, s.pause_after_failures, s.pause_base_seconds, s.pause_max_seconds
+        ),
+    )
+    p.failing[endpoint] = True
+    if pause:
+        log.warning("endpoint %s paused for %.0f s: %s", endpoint, pause, reading.reason)
+    return pause
+
+
+def _record_success(p: Pipeline, conn: Connection, endpoint: str) -> None:
+    if not p.failing.get(endpoint):
+        return  # nothing to reset: no write on the hot path
+    p.failing[endpoint] = False
+    endpoints.clear_failures(conn, p.tables, endpoint)
+
+
+class Delivery:
+    """The requests of one batch and what their answers mean for its rows, with no I/O: each
+    answer is applied to the batch's acknowledgement and decides what is sent next (halves,
+    the rest, or nothing). tests/unit/test_delivery.py drives it answer by answer."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        endpoint: str,
+        ack: Acknowledgement,
+        rows: Sequence[Any],
+        result: SendResult,
+    ) -> None:
+        self.settings, self.endpoint = settings, endpoint
+        self.ack, self.rows, self.result = ack, rows, result
+        self.work: list[list[Prepared]] = []  # a stack: the next request is last
+        self.waiting_keys: set[str] = set()  # users held back by a 429: their later rows wait
+
+    def plan(self, items: list[Prepared]) -> None:
+        s = self.settings
+        limit = policy.rows_per_request(self.endpoint, s.batch_size, s.events_per_second)
+        self.work = list(reversed(list(payloads.pack(items, self.endpoint, limit))))
+
+    def next_request(self) -> list[Prepared] | None:
+        """The next request to send, without rows held back by a 429; None when done."""
+        while self.work:
+            request = self.hold_back_throttled(self.work.pop())
+            if request:
+                return request
+        return None
+
+    def hold_back_throttled(self, request: list[Prepared]) -> list[Prepared]:
+        if not self.waiting_keys:
+            return request
+        held = [i for i in request if keys(i) & self.waiting_keys]
+        if held:
+            retry(
+                self.ack,
+                [i.row_id for i in held],
+                policy.throttle_wait(self.endpoint, self.settings),
+                refund=True,
+                reason=f"{RETRYING} an earlier row of this user was throttled (429)",
+            )
+        return [i for i in request if not (keys(i) & self.waiting_keys)]
+
+    def apply(self, status: int, reading: Reading, request: list[Prepared], pause: float) -> None:
+        """Apply one answer (`status` its HTTP status, 0 for none); `pause` is how long the
+        endpoint now pauses for every worker (0: not paused)."""
+        self.result.requests += 1
+        answer = str(status or "no answer")
+        self.result.answers[answer] = self.result.answers.get(answer, 0) + 1
+        ack, verdict = self.ack, reading.verdict
+        if verdict is Verdict.SENT:
+            ack.sent.extend(i.row_id for i in request)
+        elif verdict is Verdict.REJECTED_ROWS:
+            for index, why in reading.rejected.items():
+                ack.failed[request[index].row_id] = f"{REJECTED} {why}"
+            rest = [i for n, i in enumerate(request) if n not in reading.rejected]
+            if rest:
+                self.work.append(rest)
+        elif verdict is Verdict.SPLIT:
+            if len(request) == 1:
+                ack.failed[request[0].row_id] = f"{REJECTED} {reading.reason}"
+            else:
+                half = len(request) // 2
+                self.work.extend([request[half:], request[:half]])
+        elif verdict is Verdict.THROTTLED:
+            self.throttled(reading, request)
+        else:
+            self.failed(reading, request, pause)
+
+    def throttled(self, reading: Reading, request: list[Prepared]) -> None:
+        s = self.settings
+        for index in sorted(reading.daily_quota):
+            self.waiting_keys |= keys(request[index])
+            retry(
+                self.ack,
+                [request[index].row_id],
+                s.daily_quota_wait_seconds,
+                refund=True,
+                reason=f"{RETRYING} user over Amplitude's daily quota; retrying hourly",
+            )
+        for index in sorted(reading.throttled):
+            self.waiting_keys |= keys(request[index])
+            retry(
+                self.ack,
+                [request[index].row_id],
+                policy.throttle_wait(self.endpoint, s),
+                refund=True,
+                reason=f"{RETRYING} {reading.reason}",
+            )
+        rest = [
+            i
+            for n, i in enumerate(request)
+            if n not in reading.throttled and n not in reading.daily_quota
+        ]
+        if rest:
+            self.work.append(rest)
+
+    def failed(self, reading: Reading, request: list[Prepared], pause: float) -> None:
+        """TRANSIENT or PAUSE: this request and everything after it waits; nothing more of the
+        batch is sent now."""
+        s = self.settings
+        never_sent = [i.row_id for chunk in self.work for i in chunk]
+        self.work.clear()
+        # The endpoint is unusable (PAUSE) or failing for everyone: do not spend attempts.
+        if pause or reading.verdict is Verdict.PAUSE:
+            retry(
+                self.ack,
+                [i.row_id for i in request] + never_sent,
+                pause,
+                refund=True,
+                reason=f"{RETRYING} {self.endpoint} paused: {reading.reason}",
+            )
+            self.result.paused = reading.reason
+            return
+        attempts = {r.id: r.attempts for r in self.rows}  # only here: not on every batch's hot path
+        for item in request:
+            n = attempts[item.row_id]
+            if n >= s.max_attempts:
+                self.ack.failed[item.row_id] = f"{GAVE_UP} {n} attempts: {reading.reason}"
+            else:
+                retry(
+                    self.ack,
+                    [item.row_id],
+                    policy.backoff(n, s.backoff_base_seconds, s.backoff_max_seconds),
+                    refund=False,
+                    reason=f"{RETRYING} attempt {n}: {reading.reason}",
+                )
+        retry(
+            self.ack,
+            never_sent,
+            policy.backoff(1, s.backoff_base_seconds, s.backoff_max_seconds),
+            refund=True,
+            reason=f"{RETRYING} an earlier request of the batch failed: {reading.reason}",
+        )

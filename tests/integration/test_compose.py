@@ -1,0 +1,240 @@
+"""docker-compose.yml, the Dockerfile and .env.example, checked statically.
+
+No container engine runs here (docker is only a client), so the files are read with PyYAML
+and compared with what the README promises, with the CLI and Celery app they call, and with
+the settings ampsync knows.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+import yaml
+from support import ROOT
+
+from tasks.settings import Settings
+from tasks.worker.process import worker_command
+
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES: dict[str, dict] = COMPOSE["services"]
+README = (ROOT / "README.md").read_text()
+OUR_IMAGE = ("init", "worker", "beat", "flower", "emulator")
+# Variables compose itself reads (profiles, interpolation into the SQL Server and Flower
+# commands); they are not ampsync settings and are never passed to ampsync's containers.
+COMPOSE_ONLY = {"COMPOSE_PROFILES", "MSSQL_SA_PASSWORD", "MSSQL_PID", "FLOWER_BASIC_AUTH"}
+SETTING_NAMES = {field.alias for field in Settings.model_fields.values()}
+CONDITIONS = {
+    "healthy": "service_healthy",
+    "completed": "service_completed_successfully",
+    "started": "service_started",
+}
+
+
+def command(service: str) -> list[str]:
+    cmd = SERVICES[service]["command"]
+    return cmd if isinstance(cmd, list) else shlex.split(cmd)
+
+
+def readme_services() -> dict[str, tuple[str, dict[str, str]]]:
+    """The README's service table: service → (first code span of `runs`, {dependency: condition})."""
+    section = README.split("## Run it with Docker Compose", 1)[1].split("\n## ", 1)[0]
+    table: dict[str, tuple[str, dict[str, str]]] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not cells[0].startswith("`"):
+            continue
+        runs = re.search(r"`([^`]+)`", cells[1]).group(1)
+        waits = {
+            name: CONDITIONS[word]
+            for name, word in re.findall(r"`(\w+)` (healthy|completed|started)", cells[2])
+        }
+        table[cells[0].strip("`")] = (runs, waits)
+    return table
+
+
+def env_example() -> dict[str, tuple[str, bool]]:
+    """.env.example: NAME → (value, commented out)."""
+    found: dict[str, tuple[str, bool]] = {}
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        match = re.match(r"^(#\s*)?([A-Z][A-Z0-9_]+)=(.*)$", line)
+        if match and match.group(2) not in found:
+            found[match.group(2)] = (match.group(3), bool(match.group(1)))
+    return found
+
+
+def test_the_services_are_the_ones_the_readme_lists_with_their_images_and_commands():
+    # given the README's table of services
+    documented = readme_services()
+    # then the compose file has exactly those services
+    assert set(SERVICES) == set(documented)
+    # and each runs what the README says
+    assert SERVICES["sqlserver"]["image"] == "mcr.microsoft.com/mssql/server:2022-latest"
+    assert documented["sqlserver"][0] == SERVICES["sqlserver"]["image"]
+    assert SERVICES["redis"]["image"].startswith("redis:")
+    for name in ("redis", *OUR_IMAGE):
+        shown = " ".join(command(name)).replace(
+            "${FLOWER_BASIC_AUTH:?set FLOWER_BASIC_AUTH=user:password}", "$FLOWER_BASIC_AUTH"
+        )
+        assert shown == documented[name][0], name
+    # and ampsync's own services share one image built from this folder
+    assert {SERVICES[name]["build"] for name in OUR_IMAGE} == {"."}
+    assert len({SERVICES[name]["image"] for name in OUR_IMAGE}) == 1
+
+
+def test_services_start_in_the_order_the_readme_gives():
+    # given the README's "waits for" column
+    for name, (_, waits) in readme_services().items():
+        # then depends_on names the same services with the same conditions
+        depends = SERVICES[name].get("depends_on", {})
+        assert {dep: spec["condition"] for dep, spec in depends.items()} == waits, name
+    # and the dependencies that only exist in a profile are optional
+    assert SERVICES["init"]["depends_on"]["sqlserver"]["required"] is False
+    assert SERVICES["worker"]["depends_on"]["emulator"]["required"] is False
+    assert SERVICES["sqlserver"]["profiles"] == ["sqlserver"]
+    assert SERVICES["emulator"]["profiles"] == ["trial"]
+
+
+def test_health_checks_redis_durability_and_the_one_shot_init():
+    health = " ".join(SERVICES["sqlserver"]["healthcheck"]["test"])
+    assert "/opt/mssql-tools18/bin/sqlcmd -C" in health and "SELECT 1" in health
+    assert SERVICES["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    # Redis keeps every message on disk and never evicts one to make room
+    redis_args = command("redis")
+    assert redis_args[redis_args.index("--appendonly") + 1] == "yes"
+    assert redis_args[redis_args.index("--maxmemory-policy") + 1] == "noeviction"
+    assert "redis-data:/data" in SERVICES["redis"]["volumes"]
+    # init runs once and is not restarted; the long-running services are
+    assert SERVICES["init"]["restart"] == "no"
+    assert all(
+        SERVICES[name]["restart"] == "unless-stopped"
+        for name in ("sqlserver", "redis", "worker", "beat", "flower")
+    )
+    assert "healthcheck" in SERVICES["worker"] and "healthcheck" in SERVICES["flower"]
+
+
+def test_workers_scale_beat_is_one_and_flower_requires_basic_auth():
+    worker, beat, flower = SERVICES["worker"], SERVICES["beat"], SERVICES["flower"]
+    # workers scale with --scale worker=N: no fixed name, no host port
+    assert "container_name" not in worker and "ports" not in worker
+    assert "replicas" not in worker.get("deploy", {})
+    assert "--scale worker=" in README
+    # exactly one beat
+    assert beat.get("deploy", {}).get("replicas", 1) == 1
+    runs_beat = [n for n, s in SERVICES.items() if {"beat", "-B"} & set(s.get("command", []))]
+    assert runs_beat == ["beat"]
+    # the worker runs what `ampsync run` and the tests run, less the interpreter
+    assert command("worker") == worker_command()[2:]
+    # Flower refuses to start without FLOWER_BASIC_AUTH (compose's `:?` interpolation)
+    assert "--basic-auth=${FLOWER_BASIC_AUTH:?set FLOWER_BASIC_AUTH=user:password}" in command(
+        "flower"
+    )
+    assert flower["ports"] == ["5555:5555"]
+
+
+def _help(args: list[str]) -> str:
+    done = subprocess.run(args, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def _options(args: list[str]) -> list[str]:
+    return [a.split("=", 1)[0] for a in args if a.startswith("-")]
+
+
+@pytest.mark.parametrize("service", ["init", "emulator"])
+def test_every_ampsync_command_in_the_file_exists(service):
+    # given `ampsync <subcommand> <options>` as the compose file runs it
+    args = command(service)
+    assert args[0] == "ampsync"
+    # when its help is asked for, then the subcommand exists and lists every option used
+    text = _help([sys.executable, "-m", "tasks.cli", args[1], "--help"])
+    for option in _options(args[2:]):
+        assert option in text, (service, option)
+
+
+@pytest.mark.parametrize("service", ["worker", "beat"])
+def test_every_celery_command_in_the_file_exists(service):
+    args = command(service)
+    assert args[:3] == ["celery", "-A", "tasks"]
+    # celery's own options (`--quiet`) come before the subcommand
+    at = next(i for i, a in enumerate(args) if i >= 3 and not a.startswith("-"))
+    celery_help = _help([sys.executable, "-m", "celery", "--help"])
+    assert all(option in celery_help for option in _options(args[3:at]))
+    text = _help([sys.executable, "-m", "celery", "-A", "tasks", args[at], "--help"])
+    for option in _options(args[at + 1 :]):
+        assert option in text, (service, option)
+
+
+def test_every_flower_option_in_the_file_exists():
+    # Flower's options are tornado options, which `celery flower --help` does not list
+    from flower.options import options
+
+    args = command("flower")
+    assert args[:4] == ["celery", "-A", "tasks", "flower"]
+    for option in _options(args[4:]):
+        assert option.removeprefix("--") in options._options, option
+
+
+def test_the_queues_and_tasks_the_file_names_exist_in_the_celery_app():
+    from tasks import app
+
+    args = command("worker")
+    queues = set(args[args.index("-Q") + 1].split(","))
+    assert queues == {q.name for q in app.conf.task_queues}
+    assert {"ampsync.sync", "ampsync.send_batch"} <= set(app.tasks)
+    assert {entry["task"] for entry in app.conf.beat_schedule.values()} <= set(app.tasks)
+    health = " ".join(SERVICES["worker"]["healthcheck"]["test"])
+    assert "celery -A tasks inspect ping" in health
+
+
+def test_every_variable_passed_to_ampsync_is_a_known_setting():
+    # given what compose passes to ampsync's containers besides .env
+    for name in OUR_IMAGE:
+        service = SERVICES[name]
+        assert service["env_file"] == ".env"
+        # then each variable is a setting of tasks/settings.py
+        assert set(service.get("environment", {})) <= SETTING_NAMES, name
+    # and every variable compose interpolates is documented in .env.example
+    text = (ROOT / "docker-compose.yml").read_text()
+    interpolated = set(re.findall(r"(?<!\$)\$\{([A-Z_]+)", text))
+    assert interpolated <= set(env_example()), interpolated - set(env_example())
+
+
+def test_env_example_documents_each_setting_with_its_default():
+    documented = env_example()
+    # every setting is there, and nothing else but compose's own variables
+    assert set(documented) >= SETTING_NAMES, SETTING_NAMES - set(documented)
+    assert set(documented) - SETTING_NAMES == COMPOSE_ONLY
+    # a commented-out line shows the default
+    for field_name, field in Settings.model_fields.items():
+        value, commented = documented[field.alias]
+        if commented and field.default is not None:
+            shown = Settings.model_validate({field.alias: value})
+            assert getattr(shown, field_name) == field.default, field.alias
+    # the values set are valid settings, and the database URL uses the SQL Server's password
+    active = {n: v for n, (v, commented) in documented.items() if not commented and v}
+    settings = Settings.model_validate({k: v for k, v in active.items() if k in SETTING_NAMES})
+    assert settings.database_url.startswith("mssql+pymssql://sa:")
+    assert f":{active['MSSQL_SA_PASSWORD']}@sqlserver:1433/" in settings.database_url
+    assert active["COMPOSE_PROFILES"] == "sqlserver"
+    assert re.fullmatch(r"[^:]+:.+", active["FLOWER_BASIC_AUTH"])
+
+
+def test_dockerfile_installs_the_package_and_runs_as_a_non_root_user():
+    lines = [line.strip() for line in (ROOT / "Dockerfile").read_text().splitlines()]
+    instructions = [line for line in lines if line and not line.startswith("#")]
+    copied = " ".join(line for line in instructions if line.startswith("COPY"))
+    # everything `pip install .` needs is copied: the project file, README, modules
+    for needed in ("pyproject.toml", "README.md", "beat_schedule.py", "tasks"):
+        assert needed in copied
+    install = next(i for i, line in enumerate(instructions) if "pip install ." in line)
+    users = [i for i, line in enumerate(instructions) if line.startswith("USER ")]
+    assert users and users[-1] > install
+    assert instructions[users[-1]].split()[1] not in ("root", "0")
+    # the image never carries local settings or secrets
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    assert ".env" in ignored and ".git" in ignored

@@ -1,0 +1,1 @@
+"""Unit tier: pure rules, no services (no database, Redis, network or subprocess)."""

@@ -1,0 +1,507 @@
+"""Delivery (tasks/delivery/send.py) driven answer by answer: each answer is read with
+amplitude.answers.read, as a send does, and applied to the batch's acknowledgement."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+import pytest
+
+from tasks.amplitude.answers import Verdict, read
+from tasks.amplitude.client import Answer
+from tasks.amplitude.limits import Endpoint
+from tasks.amplitude.payloads import Prepared, Row
+from tasks.db.queue import Acknowledgement
+from tasks.delivery.results import SendResult
+from tasks.delivery.send import Delivery, keys, retry
+from tasks.outcomes import GAVE_UP, REJECTED, RETRYING
+from tasks.settings import Settings
+
+THROTTLE_V2 = 31.0
+THROTTLE_BATCH = 7.0
+DAILY_QUOTA = 3600.0
+BACKOFF_BASE = 2.0
+BACKOFF_MAX = 100.0
+MAX_ATTEMPTS = 10
+
+
+def settings(batch_size: int | None = None) -> Settings:
+    """Every knob Delivery reads, explicit: nothing comes from the environment."""
+    return Settings(
+        _env_file=None,
+        AMPSYNC_BATCH_SIZE=batch_size,
+        AMPSYNC_EVENTS_PER_SECOND=0,
+        AMPSYNC_MAX_ATTEMPTS=MAX_ATTEMPTS,
+        AMPSYNC_BACKOFF_BASE=BACKOFF_BASE,
+        AMPSYNC_BACKOFF_MAX=BACKOFF_MAX,
+        AMPSYNC_THROTTLE_WAIT_V2=THROTTLE_V2,
+        AMPSYNC_THROTTLE_WAIT_BATCH=THROTTLE_BATCH,
+        AMPSYNC_DAILY_QUOTA_WAIT=DAILY_QUOTA,
+    )
+
+
+def row(row_id: int, attempts: int = 1) -> Row:
+    now = datetime(2025, 1, 1)
+    return Row(row_id, "event", None, None, "e", now, None, None, None, None, None, attempts, now)
+
+
+def item(row_id: int, user: str | None = None, device: str | None = None) -> Prepared:
+    if user is None and device is None:
+        user = f"user-{row_id}"
+    return Prepared(row_id, b'{"event_type":"e"}', user, device)
+
+
+# --- answers, as the client builds them --------------------------------------------------------
+
+OK = Answer(200, {"code": 200}, "")
+
+
+def bad_rows(**fields) -> Answer:
+    return Answer(
+        400, {"code": 400, "error": "Invalid field values", **fields}, "Invalid field values"
+    )
+
+
+def too_large() -> Answer:
+    return Answer(413, {"code": 413, "error": "Payload too large"}, "Payload too large")
+
+
+def throttled(**fields) -> Answer:
+    return Answer(429, {"code": 429, "error": "Too many requests", **fields}, "Too many requests")
+
+
+SERVER_ERROR = Answer(500, {"code": 500, "error": "boom"}, "boom")
+NO_ANSWER = Answer(0, None, "no answer from http://amplitude/batch within 30 s")
+BAD_KEY = Answer(400, {"code": 400, "error": "Invalid API key: ***"}, "Invalid API key: ***")
+FORBIDDEN = Answer(403, None, "Forbidden")
+
+
+@dataclass
+class Run:
+    ack: Acknowledgement
+    result: SendResult
+    requests: list[list[int]]  # the row ids of each request, in the order sent
+
+
+def drive(
+    items: list[Prepared],
+    answer_for: Callable[[list[Prepared]], Answer] | list[Answer],
+    rows: list[Row] | None = None,
+    endpoint: str = Endpoint.BATCH,
+    batch_size: int | None = None,
+    pause_for: Callable[[Verdict], float] = lambda verdict: 0.0,
+) -> Run:
+    """Send the items as `deliver` does, with answers given by a function or in order."""
+    ack = Acknowledgement(sent=[], failed={}, retry={})
+    result = SendResult(kind="event", token="t", endpoint=endpoint)
+    rows = rows if rows is not None else [row(i.row_id) for i in items]
+    delivery = Delivery(settings(batch_size), endpoint, ack, rows, result)
+    delivery.plan(items)
+    queued = list(answer_for) if isinstance(answer_for, list) else None
+    sent: list[list[int]] = []
+    while (request := delivery.next_request()) is not None:
+        assert len(sent) < 100, "delivery does not end"
+        sent.append([i.row_id for i in request])
+        answer = queued.pop(0) if queued is not None else answer_for(request)
+        reading = read(answer, request, endpoint)
+        delivery.apply(answer.status, reading, request, pause_for(reading.verdict))
+    if queued is not None:
+        assert queued == [], "answers left unused"
+    return Run(ack, result, sent)
+
+
+def retried(ack: Acknowledgement) -> dict[int, tuple[float, bool, str]]:
+    """row id -> (delay, refund, reason); a row is retried once at most."""
+    out: dict[int, tuple[float, bool, str]] = {}
+    for key, ids in ack.retry.items():
+        for i in ids:
+            assert i not in out, f"row {i} retried twice"
+            out[i] = key
+    return out
+
+
+def assert_every_row_once(run: Run, ids: list[int]) -> None:
+    outcomes = run.ack.sent + list(run.ack.failed) + list(retried(run.ack))
+    assert sorted(outcomes) == sorted(ids), "every row ends exactly once"
+
+
+# --- all sent ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("n", "batch_size", "requests"),
+    [
+        (1, None, [[1]]),
+        (5, None, [[1, 2, 3, 4, 5]]),
+        (5, 2, [[1, 2], [3, 4], [5]]),
+        (4, 1, [[1], [2], [3], [4]]),
+    ],
+    ids=["one row", "one request", "three requests in order", "one row per request"],
+)
+def test_given_every_answer_is_200_when_delivering_then_all_rows_are_sent_in_order(
+    n, batch_size, requests
+):
+    items = [item(i) for i in range(1, n + 1)]
+    run = drive(items, lambda request: OK, batch_size=batch_size)
+    assert run.requests == requests
+    assert run.ack.sent == list(range(1, n + 1))
+    assert run.ack.failed == {} and run.ack.retry == {}
+    assert run.result.requests == len(requests)
+    assert run.result.answers == {"200": len(requests)}
+    assert run.result.paused is None
+
+
+# --- rejected rows -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "failed", "requests", "sent"),
+    [
+        (
+            {"events_with_invalid_fields": {"time": [1]}},
+            {2: f"{REJECTED} time: invalid fields (Invalid field values)"},
+            [[1, 2, 3], [1, 3], [4, 5, 6]],
+            [1, 3, 4, 5, 6],
+        ),
+        (
+            {"silenced_events": [0, 2]},
+            {
+                1: f"{REJECTED} device silenced by Amplitude (Invalid field values)",
+                3: f"{REJECTED} device silenced by Amplitude (Invalid field values)",
+            },
+            [[1, 2, 3], [2], [4, 5, 6]],
+            [2, 4, 5, 6],
+        ),
+        (
+            {"events_with_missing_fields": {"event_type": [0, 1, 2]}},
+            {
+                1: f"{REJECTED} event_type: missing fields (Invalid field values)",
+                2: f"{REJECTED} event_type: missing fields (Invalid field values)",
+                3: f"{REJECTED} event_type: missing fields (Invalid field values)",
+            },
+            [[1, 2, 3], [4, 5, 6]],
+            [4, 5, 6],
+        ),
+    ],
+    ids=["one row rejected", "two rows rejected", "whole request rejected: nothing resent"],
+)
+def test_given_a_400_naming_rows_when_delivering_then_they_fail_and_the_rest_is_resent_next(
+    fields, failed, requests, sent
+):
+    items = [item(i) for i in range(1, 7)]
+    answers = [bad_rows(**fields)] + [OK] * (len(requests) - 1)
+    run = drive(items, answers, batch_size=3)
+    assert run.requests == requests
+    assert run.ack.failed == failed
+    assert run.ack.sent == sent
+    assert run.ack.retry == {}
+    assert run.result.answers == {"400": 1, "200": len(requests) - 1}
+
+
+# --- split -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "split_answer",
+    [too_large(), Answer(400, {"code": 400, "error": "Bad request"}, "Bad request")],
+    ids=["413", "400 naming no row"],
+)
+def test_given_a_split_answer_when_delivering_then_the_first_half_goes_first_then_the_second(
+    split_answer,
+):
+    items = [item(i) for i in range(1, 6)]
+    run = drive(items, [split_answer, OK, OK])
+    assert run.requests == [[1, 2, 3, 4, 5], [1, 2], [3, 4, 5]]
+    assert run.ack.sent == [1, 2, 3, 4, 5]
+    assert run.ack.failed == {}
+
+
+@pytest.mark.parametrize(
+    ("bad", "requests", "sent"),
+    [
+        (
+            {3},
+            [[1, 2, 3, 4], [1, 2], [3, 4], [3], [4], [5, 6, 7, 8]],
+            [1, 2, 4, 5, 6, 7, 8],
+        ),
+        (
+            {1, 8},
+            [[1, 2, 3, 4], [1, 2], [1], [2], [3, 4], [5, 6, 7, 8], [5, 6], [7, 8], [7], [8]],
+            [2, 3, 4, 5, 6, 7],
+        ),
+    ],
+    ids=["one bad row among eight", "first and last bad"],
+)
+def test_given_a_row_that_always_splits_when_delivering_then_it_alone_fails_and_the_rest_go(
+    bad, requests, sent
+):
+    items = [item(i) for i in range(1, 9)]
+    run = drive(
+        items,
+        lambda request: too_large() if bad & {i.row_id for i in request} else OK,
+        batch_size=4,
+    )
+    assert run.requests == requests
+    assert run.ack.sent == sent
+    assert run.ack.failed == {i: f"{REJECTED} HTTP 413: Payload too large" for i in bad}
+    assert run.ack.retry == {}
+
+
+def test_given_a_single_row_request_when_split_then_the_row_fails_as_rejected():
+    run = drive([item(1)], [too_large()])
+    assert run.requests == [[1]]
+    assert run.ack.failed == {1: f"{REJECTED} HTTP 413: Payload too large"}
+    assert run.ack.sent == [] and run.ack.retry == {}
+
+
+# --- 429 ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "wait"),
+    [(Endpoint.BATCH, THROTTLE_BATCH), (Endpoint.HTTP_V2, THROTTLE_V2)],
+    ids=["batch", "http_v2"],
+)
+def test_given_a_429_for_a_user_when_delivering_then_their_later_rows_are_held_back_with_refund(
+    endpoint, wait
+):
+    items = [
+        item(1, user="alice-1"),
+        item(2, user="bob-22"),
+        item(3, user="alice-1"),
+        item(4, user="carol-3"),
+        item(5, user="alice-1"),
+    ]
+    run = drive(
+        items,
+        [throttled(throttled_users={"alice-1": 40}), OK, OK],
+        endpoint=endpoint,
+        batch_size=2,
+    )
+    assert run.requests == [[1, 2], [2], [4]]
+    assert run.ack.sent == [2, 4]
+    assert run.ack.failed == {}
+    r = retried(run.ack)
+    assert r[1] == (wait, True, f"{RETRYING} HTTP 429: Too many requests")
+    held = (wait, True, f"{RETRYING} an earlier row of this user was throttled (429)")
+    assert r[3] == held and r[5] == held
+    assert_every_row_once(run, [1, 2, 3, 4, 5])
+    assert run.result.answers == {"429": 1, "200": 2}
+    assert run.result.requests == 3
+
+
+def test_given_a_429_naming_one_event_when_delivering_then_that_users_later_row_in_the_rest_waits():
+    items = [item(1, user="alice-1"), item(2, user="bob-22"), item(3, user="alice-1")]
+    run = drive(items, [throttled(throttled_events=[0]), OK])
+    assert run.requests == [[1, 2, 3], [2]]
+    assert run.ack.sent == [2]
+    r = retried(run.ack)
+    assert r[1] == (THROTTLE_BATCH, True, f"{RETRYING} HTTP 429: Too many requests")
+    assert r[3] == (
+        THROTTLE_BATCH,
+        True,
+        f"{RETRYING} an earlier row of this user was throttled (429)",
+    )
+
+
+def test_given_a_429_for_a_device_when_delivering_then_rows_of_that_device_are_held_back():
+    items = [
+        item(1, user=None, device="dev-aaa"),
+        item(2, user="bob-22"),
+        item(3, user="zed-99", device="dev-aaa"),
+        item(4, user="carol-3"),
+    ]
+    run = drive(items, [throttled(throttled_devices={"dev-aaa": 40}), OK, OK], batch_size=2)
+    assert run.requests == [[1, 2], [2], [4]]
+    assert run.ack.sent == [2, 4]
+    assert set(retried(run.ack)) == {1, 3}
+    assert all(refund for _, refund, _ in run.ack.retry)
+
+
+def test_given_a_429_naming_nobody_when_delivering_then_the_request_waits_and_later_users_too():
+    items = [item(1), item(2), item(3, user="user-1"), item(4)]
+    run = drive(items, [throttled(), OK], batch_size=2)
+    assert run.requests == [[1, 2], [4]]
+    assert run.ack.sent == [4]
+    r = retried(run.ack)
+    assert r[1] == r[2] == (THROTTLE_BATCH, True, f"{RETRYING} HTTP 429: Too many requests")
+    assert r[3] == (
+        THROTTLE_BATCH,
+        True,
+        f"{RETRYING} an earlier row of this user was throttled (429)",
+    )
+
+
+def test_given_a_user_over_the_daily_quota_when_delivering_then_their_row_retries_after_the_quota_wait():
+    items = [item(1, user="alice-1"), item(2, user="bob-22"), item(3, user="alice-1")]
+    run = drive(items, [throttled(exceeded_daily_quota_users={"alice-1": 1}), OK], batch_size=2)
+    assert run.requests == [[1, 2], [2]]
+    assert run.ack.sent == [2]
+    r = retried(run.ack)
+    assert r[1] == (
+        DAILY_QUOTA,
+        True,
+        f"{RETRYING} user over Amplitude's daily quota; retrying hourly",
+    )
+    assert r[3][1] is True  # held back, attempt refunded
+    assert_every_row_once(run, [1, 2, 3])
+
+
+# --- transient failures ------------------------------------------------------------------------
+
+
+def top(attempts: int) -> float:
+    return min(BACKOFF_MAX, BACKOFF_BASE * 2 ** max(0, attempts - 1))
+
+
+@pytest.mark.parametrize(
+    ("failure", "label"),
+    [
+        (SERVER_ERROR, "HTTP 500: boom"),
+        (NO_ANSWER, NO_ANSWER.text),
+        (Answer(200, None, "<html>ok</html>"), "HTTP 200 with a non-JSON body: <html>ok</html>"),
+    ],
+    ids=["500", "no answer", "2xx page from a proxy"],
+)
+def test_given_a_transient_failure_when_delivering_then_rows_retry_by_attempts_and_the_rest_waits(
+    failure, label
+):
+    # Request [1, 2, 3] fails; rows 4 and 5 are never sent.
+    attempts = {1: 1, 2: 4, 3: MAX_ATTEMPTS, 4: 2, 5: MAX_ATTEMPTS + 3}
+    items = [item(i) for i in attempts]
+    rows = [row(i, n) for i, n in attempts.items()]
+    run = drive(items, [failure], rows=rows, batch_size=3)
+    assert run.requests == [[1, 2, 3]]
+    assert run.ack.sent == []
+    assert run.ack.failed == {3: f"{GAVE_UP} {MAX_ATTEMPTS} attempts: {label}"}
+    r = retried(run.ack)
+    assert set(r) == {1, 2, 4, 5}
+    for row_id in (1, 2):
+        delay, refund, reason = r[row_id]
+        n = attempts[row_id]
+        assert 0.5 * top(n) <= delay <= top(n)
+        assert refund is False
+        assert reason == f"{RETRYING} attempt {n}: {label}"
+    for row_id in (4, 5):  # never sent: their attempt is given back, whatever they had
+        delay, refund, reason = r[row_id]
+        assert 0.5 * top(1) <= delay <= top(1)
+        assert refund is True
+        assert reason == f"{RETRYING} an earlier request of the batch failed: {label}"
+    assert run.result.paused is None
+    assert run.result.requests == 1
+
+
+@pytest.mark.parametrize(
+    ("attempts", "low", "high"),
+    [(1, 1.0, 2.0), (3, 4.0, 8.0), (6, 32.0, 64.0), (7, 50.0, 100.0), (9, 50.0, 100.0)],
+    ids=["first", "third", "sixth", "seventh: capped", "last before giving up: capped"],
+)
+def test_given_a_500_when_a_row_retries_then_its_delay_is_the_backoff_of_its_attempts(
+    attempts, low, high
+):
+    assert attempts < MAX_ATTEMPTS
+    run = drive([item(1)], [SERVER_ERROR], rows=[row(1, attempts)])
+    ((delay, refund, _),) = run.ack.retry
+    assert low <= delay <= high
+    assert refund is False
+
+
+def test_given_an_earlier_request_sent_when_a_later_one_fails_then_the_sent_rows_stay_sent():
+    items = [item(i) for i in range(1, 7)]
+    run = drive(items, [OK, SERVER_ERROR], batch_size=2)
+    assert run.requests == [[1, 2], [3, 4]]
+    assert run.ack.sent == [1, 2]
+    assert set(retried(run.ack)) == {3, 4, 5, 6}
+    assert run.result.answers == {"200": 1, "500": 1}
+    assert_every_row_once(run, list(range(1, 7)))
+
+
+# --- pause -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("failure", "pause", "reason"),
+    [
+        (BAD_KEY, 120.0, "Amplitude rejected the API key"),
+        (FORBIDDEN, 60.0, "HTTP 403 from Amplitude's firewall: Forbidden"),
+        (Answer(404, None, "Not Found"), 30.0, "HTTP 404 from batch: Not Found"),
+        (SERVER_ERROR, 45.0, "HTTP 500: boom"),
+        (NO_ANSWER, 45.0, NO_ANSWER.text),
+    ],
+    ids=["invalid api key", "403", "404", "500 past the threshold", "no answer past threshold"],
+)
+def test_given_the_endpoint_pauses_when_delivering_then_everything_left_waits_out_the_pause_refunded(
+    failure, pause, reason
+):
+    attempts = {1: 1, 2: MAX_ATTEMPTS, 3: 2, 4: MAX_ATTEMPTS + 1, 5: 1, 6: 1}
+    items = [item(i) for i in attempts]
+    rows = [row(i, n) for i, n in attempts.items()]
+    run = drive(items, [OK, failure], rows=rows, batch_size=2, pause_for=lambda verdict: pause)
+    assert run.requests == [[1, 2], [3, 4]]
+    assert run.ack.sent == [1, 2]
+    assert run.ack.failed == {}  # not even rows at max attempts give up during a pause
+    ((key, ids),) = run.ack.retry.items()
+    delay, refund, why = key
+    assert sorted(ids) == [3, 4, 5, 6]
+    assert delay == pause
+    assert refund is True
+    assert why.startswith(f"{RETRYING} batch paused: {reason}")
+    assert run.result.paused is not None and run.result.paused.startswith(reason)
+
+
+def test_given_a_pause_verdict_with_no_pause_time_when_delivering_then_rows_still_wait_refunded():
+    run = drive([item(1), item(2)], [FORBIDDEN])
+    ((key, ids),) = run.ack.retry.items()
+    assert key[0] == 0.0 and key[1] is True
+    assert sorted(ids) == [1, 2]
+    assert run.result.paused == "HTTP 403 from Amplitude's firewall: Forbidden"
+
+
+# --- counting ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("answers", "counted"),
+    [
+        ([OK, OK, OK], {"200": 3}),
+        ([throttled(throttled_users={"user-1": 1}), OK, OK, OK], {"429": 1, "200": 3}),
+        ([too_large(), OK, OK, OK, OK], {"413": 1, "200": 4}),
+        ([OK, NO_ANSWER], {"200": 1, "no answer": 1}),
+    ],
+    ids=["three 200s", "a 429 then 200s", "a 413 then 200s", "no answer"],
+)
+def test_given_a_sequence_of_answers_when_delivering_then_requests_and_answers_are_counted(
+    answers, counted
+):
+    items = [item(i) for i in range(1, 7)]
+    run = drive(items, answers, batch_size=2)
+    assert run.result.requests == len(answers) == len(run.requests)
+    assert run.result.answers == counted
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def test_given_retries_when_recorded_then_same_delay_refund_and_reason_share_one_entry():
+    ack = Acknowledgement(sent=[], failed={}, retry={})
+    retry(ack, [1, 2], 1.23449, refund=True, reason="r")
+    retry(ack, [3], 1.2344, refund=True, reason="r")
+    retry(ack, [4], 1.2344, refund=False, reason="r")
+    retry(ack, [], 9.0, refund=True, reason="nothing")
+    assert ack.retry == {(1.234, True, "r"): [1, 2, 3], (1.234, False, "r"): [4]}
+
+
+@pytest.mark.parametrize(
+    ("user", "device", "expected"),
+    [
+        ("alice-1", "dev-1", {"alice-1", "dev-1"}),
+        ("alice-1", None, {"alice-1"}),
+        (None, "dev-1", {"dev-1"}),
+        ("", "dev-1", {"dev-1"}),
+    ],
+    ids=["both", "user only", "device only", "empty user"],
+)
+def test_given_an_item_when_keyed_then_its_user_and_device_are_its_keys(user, device, expected):
+    assert keys(Prepared(1, b"{}", user, device)) == expected
