@@ -13,6 +13,7 @@ WORKDIR /app
 # packages needed.
 COPY pyproject.toml README.md beat_schedule.py ./
 COPY tasks ./tasks
+COPY ampsync_emulator ./ampsync_emulator
 RUN pip install . \
     && useradd --create-home --uid 10001 --user-group ampsync
 

@@ -26,20 +26,51 @@ Decisions where the documentation leaves room (all documented here, once):
 * Operations are applied in this order: ``$clearAll, $unset, $setOnce, $set, $add, $append,
   $prepend, $preInsert, $postInsert, $remove``.
 * ``events_ingested`` counts every event of an accepted request, duplicates included.
-* Per-user throttling (``Faults.per_user_eps_limit``): an id is throttled when it already had
-  events in the window and the window's events plus this request's exceed threshold x window:
-  V2 and Identify 30 ev/s over 10 s, Batch 1000 ev/s over 30 s. A single request is therefore
-  never throttled by itself (no livelock), and a burst right after it is.
+* Request-wide 400s come first, in this order: a path that is none of the four APIs (nor the
+  emulator's own ``/``, ``/_emulator/...``; ``/favicon.ico`` is a plain 404) answers JSON
+  ``{"code": 400, "error": "Invalid request path"}`` for any method; a POST with an empty body
+  answers ``Missing request body`` (JSON, on the form APIs too); on the event APIs a body that
+  is not a JSON object answers ``Invalid JSON request body`` whatever its Content-Type, and
+  only a JSON body sent with another Content-Type gets the Content-Type 400.
+* Per-user throttling (``Faults.per_user_eps_limit``), threshold x window = V2 and Identify
+  30 ev/s x 10 s = 300, Batch 1000 ev/s x 30 s = 30,000: an id is throttled when the request's
+  own events for it exceed threshold x window (whatever the window holds), or when it already
+  had events in the window and those plus the request's exceed it. A request with at most
+  threshold x window events for an id is never throttled by itself, so once the window has
+  emptied the same request goes through (no livelock); a request with more is throttled for
+  that id every time and must be split. A burst right after an accepted request is throttled.
+* Property-update budget (``Faults.user_updates_per_hour``, 1800 by default, ``null`` = none):
+  per user (the user store's key: ``user_id``, else ``device_id``), each identification of
+  ``/identify``, each ``$identify`` event and each other event carrying non-empty
+  ``user_properties`` (without ``$skip_user_properties_sync``) is one update. An update is
+  applied when fewer than the limit were applied in the last hour (a rolling 3,600 s), else
+  dropped: the API still answers 200, the event itself is still ingested and counted, and the
+  drop is counted (``counts.user_updates_dropped``, per user in
+  ``counts.user_updates_dropped_by_user``, and on the page). Dropped updates do not count
+  toward the hour. Duplicates (same ``insert_id``) are not updates.
+* Gateway and firewall faults (``gateway_html_400_rate``, ``firewall_block``,
+  ``firewall_block_all``, and ``fail_next`` entries with ``html`` or ``firewall``) answer
+  before the request is read as an API call, so nothing is ingested. ``firewall_block`` matches
+  each substring (case-sensitive) against the raw body, the query string, and for a form body
+  also its URL-decoded text (a WAF decodes before matching); the answer is an HTML 403 page, not
+  Amplitude's JSON ``{"code": 403, "error": "Forbidden"}`` (``fail_next`` ``{"code": 403}``
+  gives that one).
 * Form APIs (``/identify``, ``/groupidentify``) answer ``success`` / 400 reasons as plain text;
   their 413, 429 and injected 5xx answers are JSON with ``code`` like the event APIs.
-* Dedup keys are kept as 64-bit hashes of (api_key, device_id or "u:"+user_id, insert_id) for
-  7 days, so no API key is held in the dedup table and memory stays small in long runs.
+* Dedup: ``/batch`` drops an event whose ``insert_id`` was seen in the project (API key) in the
+  last 7 days, whatever its device; ``/2/httpapi`` only when it was seen on the same device
+  (``device_id``, else ``"u:"+user_id``; no id, as on ``$groupidentify``: one shared owner).
+  Every accepted event records both keys, so a Batch re-send of an event first sent through
+  HTTP V2 is a duplicate, and an HTTP V2 re-send of a Batch event is one on the same device.
+  Keys are kept as 64-bit hashes for 7 days, so no API key is held in the dedup table and
+  memory stays small in long runs. The form APIs deduplicate nothing.
 * The user/group store is one namespace for all API keys (dedup and throttling are per key).
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import email.parser
 import email.policy
@@ -102,6 +133,7 @@ DEFAULT_MIN_ID_LENGTH = 5
 REJECTED_KEEP = 200
 LAST_EVENTS_PER_TYPE = 5
 HTML_MAX_USERS = 1000
+HTML_MAX_DROPPED = 100
 
 REJECTED_IDS = frozenset(
     {
@@ -154,6 +186,12 @@ ERR_INVALID = "Invalid field values on some events"
 ERR_ID_LENGTH = "Invalid id length for user_id or device_id"
 ERR_TOO_LARGE = "Payload too large"
 ERR_THROTTLED = "Too many requests for some devices and users"
+ERR_PATH = "Invalid request path"
+ERR_NO_BODY = "Missing request body"
+ERR_BAD_JSON = "Invalid JSON request body"
+INVALID_PATH_KEY = "(invalid path)"  # counts.requests key for every path that is not an API
+USER_UPDATES_PER_HOUR = 1800
+UPDATE_WINDOW = 3600.0
 
 # Event field kinds for the generic type pass
 _INT, _NUM, _OBJ, _STR, _BOOL = range(5)
@@ -182,6 +220,12 @@ NGINX_PAGE = (
     "<center><h1>{code} {phrase}</h1></center>\r\n<hr><center>nginx</center>\r\n"
     "</body>\r\n</html>\r\n"
 )
+FIREWALL_PAGE = (
+    "<html>\r\n<head><title>403 Forbidden</title></head>\r\n<body>\r\n"
+    "<center><h1>403 Forbidden</h1></center>\r\n"
+    "<p>The request was blocked by the web application firewall.</p>\r\n"
+    "</body>\r\n</html>\r\n"
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,7 +235,12 @@ NGINX_PAGE = (
 
 @dataclass
 class Faults:
-    """Runtime-changeable misbehaviour. Rates are fractions in [0, 1] of API requests."""
+    """Runtime-changeable misbehaviour. Rates are fractions in [0, 1] of API requests.
+
+    Besides Amplitude's own failures: ``gateway_html_400_rate`` (a proxy's HTML 400 page),
+    ``firewall_block`` (substrings: a request carrying one gets a WAF's HTML 403),
+    ``firewall_block_all`` (every request 403, a region block), and the limits
+    ``user_updates_per_hour`` and ``per_user_eps_limit``; see the module docstring."""
 
     latency_ms: float = 0
     fail_before_rate: float = 0.0
@@ -209,10 +258,14 @@ class Faults:
     down: bool = False
     seed: int | None = None
     per_user_eps_limit: bool = True
+    gateway_html_400_rate: float = 0.0
+    firewall_block: list[str] = field(default_factory=list)
+    firewall_block_all: bool = False
+    user_updates_per_hour: int | None = USER_UPDATES_PER_HOUR
 
 
 _FAULT_NAMES = tuple(f.name for f in fields(Faults))
-_FAIL_NEXT_KEYS = frozenset({"code", "after_ingest", "path", "html", "reset", "slow"})
+_FAIL_NEXT_KEYS = frozenset({"code", "after_ingest", "path", "html", "reset", "slow", "firewall"})
 
 
 def _coerce_fault(name: str, value: Any) -> Any:
@@ -238,13 +291,25 @@ def _coerce_fault(name: str, value: Any) -> Any:
         if isinstance(value, str):
             raise TypeError("daily_quota_users must be a list of ids")
         return [str(v) for v in value]
+    if name == "firewall_block":
+        if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+            raise TypeError("firewall_block must be a list of strings")
+        if any(v == "" for v in value):
+            raise ValueError("firewall_block strings must not be empty")
+        return list(value)
+    if name == "user_updates_per_hour":
+        if value is None:
+            return None
+        if isinstance(value, bool) or int(value) < 0:
+            raise ValueError("user_updates_per_hour must be an integer >= 0 or null")
+        return int(value)
     if name in ("max_events_per_request", "max_bytes_per_request", "seed"):
         if value is None:
             return None
         if isinstance(value, bool):
             raise TypeError(f"{name} must be an integer or null")
         return int(value)
-    if name in ("down", "per_user_eps_limit"):
+    if name in ("down", "per_user_eps_limit", "firewall_block_all"):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be true or false")
         return value
@@ -557,6 +622,22 @@ def _apply_props(target: dict, props: dict) -> None:
                     del target[k]
 
 
+def _firewall_match(patterns: list[str], query: str, ctype: str, body: bytes) -> str | None:
+    """The first of `patterns` found in the raw body, the query string, or (form bodies and
+    queries) their URL-decoded text; None when none is."""
+    texts: list[bytes] = [body]
+    if query:
+        texts.append(query.encode("latin-1", "replace"))
+        texts.append(urllib.parse.unquote_plus(query).encode("utf-8", "replace"))
+    if body and ctype.split(";", 1)[0].strip().lower() == "application/x-www-form-urlencoded":
+        texts.append(urllib.parse.unquote_plus(body.decode("utf-8", "replace")).encode())
+    for pattern in patterns:
+        needle = pattern.encode()
+        if any(needle in t for t in texts):
+            return pattern
+    return None
+
+
 # ----------------------------------------------------------------------------------------------
 # Answers
 # ----------------------------------------------------------------------------------------------
@@ -643,6 +724,7 @@ class Emulator:
         self._keep_events = keep_events
         self._lock = threading.Lock()
         self._rng = random.Random(self._faults.seed)
+        self._clock: Callable[[], float] = time.monotonic  # the property-update hour
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._clear()
@@ -721,6 +803,9 @@ class Emulator:
         self._dedup: dict[int, float] = {}
         self._rates: dict[tuple, list] = {}
         self._last_sweep = time.time()
+        self._updates: dict[str, list[float]] = {}  # user -> clock times of applied updates
+        self._updates_dropped = 0
+        self._updates_dropped_by_user: dict[str, int] = {}
 
     def reset(self) -> None:
         """Forget everything received (not the faults)."""
@@ -748,6 +833,26 @@ class Emulator:
             u = self._users[uid] = {"user_properties": {}, "active": False, "events": 0}
         return u
 
+    def _may_update(self, who: str) -> bool:
+        """Under the lock: one user-property update of `who`; False when it is dropped because
+        `who` had `user_updates_per_hour` updates applied in the last hour."""
+        limit = self._faults.user_updates_per_hour
+        if limit is None:
+            return True
+        now = self._clock()
+        log = self._updates.get(who)
+        if log is None:
+            log = self._updates[who] = []
+        elif len(log) >= limit:  # only then look for expired entries: the list stays <= limit
+            del log[: bisect.bisect_right(log, now - UPDATE_WINDOW)]
+        if len(log) >= limit:
+            self._updates_dropped += 1
+            d = self._updates_dropped_by_user
+            d[who] = d.get(who, 0) + 1
+            return False
+        log.append(now)
+        return True
+
     def _state(self, events: bool | int = True) -> dict:
         state: dict[str, Any] = {
             "users": self._users,
@@ -763,6 +868,8 @@ class Emulator:
             "events_unique": self._events_unique,
             "duplicates": self._duplicates,
             "identifications": self._identifications,
+            "user_updates_dropped": self._updates_dropped,
+            "user_updates_dropped_by_user": self._updates_dropped_by_user,
         }
         state["rejected"] = list(self._rejected)
         state["faults"] = asdict(self._faults)
@@ -797,11 +904,17 @@ class Emulator:
 
     # -- faults --------------------------------------------------------------------------------
 
-    def _pick_fault(self, path: str) -> dict | None:
+    def _pick_fault(self, path: str, query: str, ctype: str, body: bytes) -> dict | None:
         with self._lock:
             f = self._faults
             if f.down:
                 return {"kind": "before", "code": 503, "reason": "down"}
+            if f.firewall_block_all:
+                return {"kind": "firewall", "code": 403, "reason": "firewall_block_all"}
+            if f.firewall_block:
+                hit = _firewall_match(f.firewall_block, query, ctype, body)
+                if hit is not None:
+                    return {"kind": "firewall", "code": 403, "reason": "firewall_block", "hit": hit}
             for i, entry in enumerate(f.fail_next):
                 p = entry.get("path")
                 if p is None or _norm_path(p) == path:
@@ -812,6 +925,8 @@ class Emulator:
                 return {"kind": "before", "code": rng.choice(f.fail_codes), "reason": "fail_before"}
             if f.html_error_rate and rng.random() < f.html_error_rate:
                 return {"kind": "html", "code": 502, "reason": "html_error"}
+            if f.gateway_html_400_rate and rng.random() < f.gateway_html_400_rate:
+                return {"kind": "html", "code": 400, "reason": "gateway_html_400"}
             if f.reset_rate and rng.random() < f.reset_rate:
                 return {"kind": "reset", "reason": "reset"}
             if f.slow_rate and rng.random() < f.slow_rate:
@@ -823,6 +938,8 @@ class Emulator:
     def _fail_next_action(self, e: dict) -> dict:
         if e.get("reset"):
             return {"kind": "reset", "reason": "fail_next reset"}
+        if e.get("firewall"):
+            return {"kind": "firewall", "code": e.get("code", 403), "reason": "fail_next firewall"}
         if e.get("html"):
             return {"kind": "html", "code": e.get("code", 502), "reason": "fail_next html"}
         if e.get("slow") is not None:
@@ -853,6 +970,14 @@ class Emulator:
                 "text/html",
                 error=f"injected fault: {fault['reason']} (HTML {code}), not ingested",
             )
+        elif kind == "firewall":
+            ans = _Answer(
+                code,
+                FIREWALL_PAGE.encode(),
+                "text/html",
+                error=f"injected fault: {fault['reason']} (HTML {code}), not ingested",
+                detail={"matched": fault["hit"]} if "hit" in fault else None,
+            )
         else:
             ans = _json_answer(
                 code,
@@ -865,7 +990,7 @@ class Emulator:
     # -- API entry -----------------------------------------------------------------------------
 
     def _handle_api(self, method: str, path: str, query: str, ctype: str, body: bytes) -> _Answer:
-        fault = self._pick_fault(path)
+        fault = self._pick_fault(path, query, ctype, body)
         latency = self._faults.latency_ms
         if latency:
             time.sleep(latency / 1000.0)
@@ -907,13 +1032,8 @@ class Emulator:
     # -- /2/httpapi and /batch -----------------------------------------------------------------
 
     def _events_api(self, path: str, ctype: str, body: bytes) -> _Answer:
-        if ctype.split(";", 1)[0].strip().lower() != "application/json":
-            return _json_answer(
-                400,
-                {"code": 400, "error": "Invalid request: Content-Type must be application/json"},
-            )
         if not body:
-            return _json_answer(400, {"code": 400, "error": "Missing request body"})
+            return _json_answer(400, {"code": 400, "error": ERR_NO_BODY})
         max_count, max_bytes = self._limits(path)
         if len(body) > max_bytes:
             return _json_answer(
@@ -924,9 +1044,14 @@ class Emulator:
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError:
-            return _json_answer(400, {"code": 400, "error": "Invalid JSON request body"})
+            data = None
         if type(data) is not dict:
-            return _json_answer(400, {"code": 400, "error": "Invalid JSON request body"})
+            return _json_answer(400, {"code": 400, "error": ERR_BAD_JSON})
+        if ctype.split(";", 1)[0].strip().lower() != "application/json":
+            return _json_answer(
+                400,
+                {"code": 400, "error": "Invalid request: Content-Type must be application/json"},
+            )
         api_key = data.get("api_key")
         events = data.get("events")
         min_len = DEFAULT_MIN_ID_LENGTH
@@ -972,7 +1097,7 @@ class Emulator:
             throttled = self._throttle(path, api_key, events)
             if throttled is not None:
                 return _json_answer(429, throttled)
-            self._ingest_events(api_key, events)
+            self._ingest_events(path, api_key, events)
         return _json_answer(
             200,
             {
@@ -1026,13 +1151,15 @@ class Emulator:
             for who, ids, t_map in (("u", per_user, t_users), ("d", per_device, t_devices)):
                 for i, n in ids.items():
                     slot = self._rates.get((path, api_key, who, i))
-                    if slot is None:
-                        continue
-                    q = slot[1]
-                    while q and q[0][0] < cutoff:
-                        slot[0] -= q.popleft()[1]
-                    if slot[0] > 0 and slot[0] + n > cap:
-                        t_map[i] = max(t_map.get(i, 0), math.ceil((slot[0] + n) / window))
+                    prior = 0
+                    if slot is not None:
+                        q = slot[1]
+                        while q and q[0][0] < cutoff:
+                            slot[0] -= q.popleft()[1]
+                        prior = slot[0]
+                    # the request's own events count: alone they may exceed the window's cap
+                    if n > cap or (prior > 0 and prior + n > cap):
+                        t_map[i] = max(t_map.get(i, 0), math.ceil((prior + n) / window))
         if t_users or t_devices or q_users or q_devices:
             bad_u = t_users.keys() | q_users.keys()
             bad_d = t_devices.keys() | q_devices.keys()
@@ -1082,13 +1209,14 @@ class Emulator:
         for k in expired:
             del self._dedup[k]
 
-    def _ingest_events(self, api_key: str, events: list) -> None:
+    def _ingest_events(self, path: str, api_key: str, events: list) -> None:
         """Under the lock: dedup and apply accepted events."""
         now = time.time()
         dedup = self._dedup
         keep = self._events
         keep_any = keep.maxlen != 0
         types = self._event_types
+        per_project = path == BATCH_PATH
         unique = 0
         for ev in events:
             uid = ev.get("user_id")
@@ -1096,13 +1224,15 @@ class Emulator:
             iid = ev.get("insert_id")
             if iid is not None:
                 owner = did if did is not None else ("u:" + uid if uid is not None else "")
-                h = hash((api_key, owner, iid))
-                seen = dedup.get(h)
+                h_device = hash((api_key, owner, iid))
+                h_project = hash((api_key, iid))
+                seen = dedup.get(h_project if per_project else h_device)
                 if seen is not None and now - seen < DEDUP_SECONDS:
                     continue
-                if seen is not None:  # expired: re-insert at the end (keeps time order)
-                    del dedup[h]
-                dedup[h] = now
+                for h in (h_device, h_project):
+                    if h in dedup:  # re-insert at the end (keeps time order for the sweep)
+                        del dedup[h]
+                    dedup[h] = now
             unique += 1
             et = ev["event_type"]
             who = uid if uid is not None else did
@@ -1111,7 +1241,7 @@ class Emulator:
                 up = ev.get("user_properties")
                 if who is not None:
                     user = self._user(who)
-                    if up:
+                    if self._may_update(who) and up:
                         _apply_props(user["user_properties"], up)
             elif et == GROUPIDENTIFY_EVENT:
                 self._identifications += 1
@@ -1124,7 +1254,7 @@ class Emulator:
                 user["active"] = True
                 user["events"] += 1
                 up = ev.get("user_properties")
-                if up and not ev.get("$skip_user_properties_sync"):
+                if up and not ev.get("$skip_user_properties_sync") and self._may_update(who):
                     _apply_props(user["user_properties"], up)
             slot = types.get(et)
             if slot is None:
@@ -1178,6 +1308,8 @@ class Emulator:
     def _form_api(self, path: str, method: str, query: str, ctype: str, body: bytes) -> _Answer:
         if method not in ("POST", "GET"):
             return _text_answer(405, "method not allowed")
+        if method == "POST" and not body:
+            return _json_answer(400, {"code": 400, "error": ERR_NO_BODY})
         group = path == GROUPIDENTIFY_PATH
         max_count, max_bytes = self._limits(path)
         if len(body) > max_bytes or (method == "GET" and len(query) > 8192):
@@ -1242,9 +1374,10 @@ class Emulator:
                     _apply_props(groups.setdefault(x["group_value"], {}), x["group_properties"])
                 else:
                     uid = x.get("user_id")
-                    user = self._user(uid if uid is not None else x["device_id"])
+                    who = uid if uid is not None else x["device_id"]
+                    user = self._user(who)
                     up = x.get("user_properties")
-                    if up:
+                    if self._may_update(who) and up:
                         _apply_props(user["user_properties"], up)
         return _Answer(200, b"success", "text/plain; charset=utf-8")
 
@@ -1285,7 +1418,10 @@ class Emulator:
             return _Answer(200, self.render_html().encode(), "text/html; charset=utf-8")
         if path == "/favicon.ico":
             return _Answer(404, b"", "text/plain")
-        return _Answer(404, orjson.dumps({"code": 404, "error": "Invalid request path"}))
+        ans = _json_answer(400, {"code": 400, "error": ERR_PATH})
+        ans.error = f"{ERR_PATH}: {method} {path[:200]}"
+        self._record(INVALID_PATH_KEY, ans)
+        return ans
 
     # -- HTML page -----------------------------------------------------------------------------
 
@@ -1318,14 +1454,16 @@ class Emulator:
         c = state["counts"]
         out.append(
             "<table id='counts'><tr><th>events received</th><th>unique</th>"
-            "<th>duplicates</th><th>identifications</th><th>users</th></tr>"
+            "<th>duplicates</th><th>identifications</th><th>users</th>"
+            "<th>property updates dropped (over the hourly limit)</th></tr>"
         )
         out.append(
             f"<tr><td class='events-received'>{c['events_received']}</td>"
             f"<td class='events-unique'>{c['events_unique']}</td>"
             f"<td class='duplicates'>{c['duplicates']}</td>"
             f"<td class='identifications'>{c['identifications']}</td>"
-            f"<td class='user-count'>{len(users)}</td></tr></table>"
+            f"<td class='user-count'>{len(users)}</td>"
+            f"<td class='user-updates-dropped'>{c['user_updates_dropped']}</td></tr></table>"
         )
         out.append(
             "<h2>Requests</h2><table id='requests'><tr><th>path</th><th>status</th>"
@@ -1339,14 +1477,16 @@ class Emulator:
                     f"<td class='count'>{n}</td></tr>"
                 )
         out.append("</table>")
+        dropped = c["user_updates_dropped_by_user"]
         out.append(
             f"<h2>Users ({len(users)})</h2><table id='users'><tr><th>id</th>"
-            "<th>active</th><th>events</th><th>user properties</th></tr>"
+            "<th>active</th><th>events</th><th>property updates dropped</th>"
+            "<th>user properties</th></tr>"
         )
         for n, (uid, u) in enumerate(users.items()):
             if n >= HTML_MAX_USERS:
                 out.append(
-                    f"<tr class='more'><td colspan='4'>{len(users) - n} more users "
+                    f"<tr class='more'><td colspan='5'>{len(users) - n} more users "
                     "(see the state JSON)</td></tr>"
                 )
                 break
@@ -1354,9 +1494,22 @@ class Emulator:
                 f"<tr data-user-id='{e(uid)}'><td class='id'>{e(uid)}</td>"
                 f"<td class='active'>{'yes' if u['active'] else 'no'}</td>"
                 f"<td class='events'>{u['events']}</td>"
+                f"<td class='updates-dropped'>{dropped.get(uid, 0)}</td>"
                 f"<td class='props'>{js(u['user_properties'])}</td></tr>"
             )
         out.append("</table>")
+        if dropped:
+            out.append(
+                "<h2>Users over the property-update limit</h2><table id='updates-dropped'>"
+                "<tr><th>id</th><th>updates dropped</th></tr>"
+            )
+            top = sorted(dropped.items(), key=lambda kv: -kv[1])[:HTML_MAX_DROPPED]
+            for uid, n in top:
+                out.append(
+                    f"<tr data-user-id='{e(uid)}'><td class='id'>{e(uid)}</td>"
+                    f"<td class='updates-dropped'>{n}</td></tr>"
+                )
+            out.append("</table>")
         out.append(
             "<h2>Events by type</h2><table id='event-types'><tr><th>event type</th>"
             "<th>count</th><th>last events</th></tr>"
@@ -1533,6 +1686,27 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated status codes for --fail-before-rate",
     )
     p.add_argument("--html-error-rate", type=float, default=0.0)
+    p.add_argument(
+        "--gateway-html-400-rate",
+        type=float,
+        default=0.0,
+        help="share of API requests answered with a gateway's HTML 400 page, not ingested",
+    )
+    p.add_argument(
+        "--firewall-block",
+        action="append",
+        default=[],
+        help="HTML 403 for a request whose body contains this text (repeatable)",
+    )
+    p.add_argument(
+        "--firewall-block-all", action="store_true", help="HTML 403 for every API request"
+    )
+    p.add_argument(
+        "--user-updates-per-hour",
+        type=int,
+        default=USER_UPDATES_PER_HOUR,
+        help="user-property updates applied per user per hour; later ones are dropped (-1: none)",
+    )
     p.add_argument("--reset-rate", type=float, default=0.0)
     p.add_argument("--slow-rate", type=float, default=0.0)
     p.add_argument("--slow-seconds", type=float, default=0.0)
@@ -1571,6 +1745,15 @@ def main(argv: list[str] | None = None) -> int:
             max_bytes_per_request=args.max_bytes,
             per_user_eps_limit=not args.no_eps_limit,
             seed=args.seed,
+            gateway_html_400_rate=_coerce_fault(
+                "gateway_html_400_rate", args.gateway_html_400_rate
+            ),
+            firewall_block=_coerce_fault("firewall_block", args.firewall_block),
+            firewall_block_all=args.firewall_block_all,
+            user_updates_per_hour=_coerce_fault(
+                "user_updates_per_hour",
+                None if args.user_updates_per_hour == -1 else args.user_updates_per_hour,
+            ),
         )
     except (TypeError, ValueError) as exc:
         p.error(str(exc))

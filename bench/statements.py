@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = db_engine.make_engine(database_url(args, out, "ampsync-bench-statements"))
     name, _ = create_table(engine, args, args.rows)
     tables = schema.define_tables(name)
-    endpoint = policy.endpoint_for(args.kind, "batch", "batch")
+    endpoint = "batch"  # the default API of every kind
     client = amplitude.Client("http://127.0.0.1:9", harness.API_KEY, 30)
     lease = 300.0
     me = psutil.Process()
@@ -280,7 +280,7 @@ def proposed_claim(conn, tables, kind: str, limit: int, lease_seconds: float):
     """
     import uuid
 
-    from sqlalchemy import and_, exists, func, literal_column, or_, select, update
+    from sqlalchemy import and_, exists, func, or_, select, update
 
     from tasks import outcomes
     from tasks.db import queue, sql
@@ -338,7 +338,7 @@ def proposed_claim(conn, tables, kind: str, limit: int, lease_seconds: float):
         .values(
             status=sql.IN_FLIGHT,
             claim_token=token,
-            locked_until=sql.utcnow_plus(literal_column(str(float(lease_seconds)))),
+            locked_until=sql.utcnow_plus(lease_seconds),
             attempts=q.c.attempts + 1,
             first_attempt_at=func.coalesce(q.c.first_attempt_at, sql.utcnow()),
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -46,6 +47,15 @@ class Settings(BaseSettings):
     identify_api: Literal["batch", "http_v2", "identify"] = Field(
         "batch", alias="AMPSYNC_IDENTIFY_API"
     )
+    # Group rows go as `$groupidentify` events through the event API (idempotent by
+    # insert_id); `groupidentify` selects the form Group Identify API, which deduplicates
+    # nothing: a re-send after a timeout may apply $add, $append, $prepend twice.
+    group_identify_api: Literal["batch", "http_v2", "groupidentify"] = Field(
+        "batch", alias="AMPSYNC_GROUP_IDENTIFY_API"
+    )
+    # An event row waits for earlier identify rows of its user (device) that are pending or in
+    # flight, so it carries the properties written before it (docs/amplitude.md, "Order").
+    events_after_identify: bool = Field(True, alias="AMPSYNC_EVENTS_AFTER_IDENTIFY")
     min_id_length: int = Field(5, ge=1, le=1024, alias="AMPSYNC_MIN_ID_LENGTH")
     http_timeout_seconds: float = Field(30.0, gt=0, le=600, alias="AMPSYNC_HTTP_TIMEOUT")
 
@@ -73,8 +83,9 @@ class Settings(BaseSettings):
     throttle_wait_v2_seconds: float = Field(30.0, ge=0, alias="AMPSYNC_THROTTLE_WAIT_V2")
     throttle_wait_batch_seconds: float = Field(15.0, ge=0, alias="AMPSYNC_THROTTLE_WAIT_BATCH")
     daily_quota_wait_seconds: float = Field(3600.0, ge=0, alias="AMPSYNC_DAILY_QUOTA_WAIT")
-    # Events per second shared by all workers; the Starter plan allows 1000/s. 0 = no cap.
-    events_per_second: int = Field(1000, ge=0, alias="AMPSYNC_EVENTS_PER_SECOND")
+    # Events per second shared by all workers, 0 = no cap (paid plans limit users, not the
+    # project); a Starter-plan project sets its 1000 (docs/amplitude.md, "Throttling").
+    events_per_second: int = Field(0, ge=0, alias="AMPSYNC_EVENTS_PER_SECOND")
     # An event_time further ahead than this is a mistake in the row (the past is fine).
     max_future_seconds: int = Field(86400, ge=0, alias="AMPSYNC_MAX_FUTURE_SECONDS")
     # Send tasks kept waiting in the broker at most; a sync claims no more than this many
@@ -106,17 +117,31 @@ class Settings(BaseSettings):
             return None
         if not re.match(r"^https?://[^/\s]+", value):
             raise ValueError("must be an http(s) URL such as http://127.0.0.1:8087")
-        return value.rstrip("/")
+        value = value.rstrip("/")
+        if urlsplit(value).path or urlsplit(value).query:
+            # A path here makes every request miss the API ("Invalid request path").
+            raise ValueError(
+                "must be the server's address without a path (ampsync appends /2/httpapi, "
+                "/batch, /identify, /groupidentify), such as https://api2.amplitude.com"
+            )
+        return value
 
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, value: str) -> str:
         try:
-            make_url(value)
+            url = make_url(value)
         except ArgumentError as exc:
             raise ValueError(
                 "is not a SQLAlchemy URL, e.g. mssql+pymssql://user:pw@host:1433/dwh"
             ) from exc
+        if url.get_backend_name() == "mssql" and url.get_driver_name() != "pymssql":
+            # ampsync's SQL Server statements are written and checked for what pymssql sends
+            # (docs/sqlserver.md, "Drivers"); pyodbc binds real parameters, at most 2,100.
+            raise ValueError(
+                f"SQL Server through {url.get_driver_name()} is not supported: use "
+                "mssql+pymssql://user:pw@host:1433/db"
+            )
         return value
 
     @field_validator("queue_table")
@@ -134,6 +159,14 @@ class Settings(BaseSettings):
         if not re.match(r"^(redis|rediss|redis\+socket)://", value):
             raise ValueError("must be a Redis URL (redis://host:6379/0 or redis+socket:///path)")
         return value
+
+    @model_validator(mode="after")
+    def _queue_schema_on_sql_server(self) -> Settings:
+        # SQL Server resolves an unqualified name in the login's default schema, which need
+        # not be dbo: ampsync's names are always qualified there (docs/sqlserver.md).
+        if "." not in self.queue_table and self.database_url.startswith("mssql"):
+            self.queue_table = f"dbo.{self.queue_table}"
+        return self
 
     @model_validator(mode="after")
     def _batch_size_within_limit(self) -> Settings:
@@ -177,6 +210,8 @@ def load() -> Settings:
         where = _field_alias(str(err["loc"][0])) if err["loc"] else "settings"
         message = err["msg"].removeprefix("Value error, ")
         raw = err.get("input")
+        if where == "AMPSYNC_DATABASE_URL" and isinstance(raw, str):
+            raw = mask_url(raw)
         shown = f"={raw!r}" if isinstance(raw, str | int | float) and "KEY" not in where else ""
         raise SettingsError(f"{where}{shown}: {message}") from None
 

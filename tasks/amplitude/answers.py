@@ -17,9 +17,13 @@ from .payloads import Prepared
 class Verdict(Enum):
     SENT = "sent"  # Amplitude accepted the whole request
     REJECTED_ROWS = "rejected_rows"  # 400 naming event indexes: fail those, resend the rest
-    SPLIT = "split"  # 413, or a 400 naming no row: halve the request
+    SPLIT = "split"  # a 400 naming no row: halve the request to find the row
+    TOO_LARGE = "too_large"  # 413: halve the request until it fits
+    BLOCKED = "blocked"  # 403 from the firewall: halve to isolate the row whose content it blocks
     THROTTLED = "throttled"  # 429: the throttled rows wait, the rest go on
-    PAUSE = "pause"  # the endpoint itself is unusable (bad key, 403, unknown 4xx)
+    # The endpoint itself is unusable: bad key, a 400 about the request rather than a row
+    # (wrong path, no or non-JSON body, a gateway's page), unknown 4xx.
+    PAUSE = "pause"
     TRANSIENT = "transient"  # timeout, connection error, 5xx, non-JSON gateway page
 
 
@@ -31,6 +35,9 @@ class Reading:
     throttled: set[int] = field(default_factory=set)  # indexes that wait
     daily_quota: set[int] = field(default_factory=set)  # indexes over the daily quota
 
+
+# 400s about the request as a whole (docs/amplitude.md, "400"): halving cannot help.
+REQUEST_ERRORS = ("invalid request path", "missing request body", "invalid json request body")
 
 _INDEX_MAPS = (
     "events_with_missing_fields",
@@ -46,8 +53,11 @@ def read(answer: Answer, items: Sequence[Prepared], endpoint: str) -> Reading:
         return Reading(Verdict.TRANSIENT, answer.text)
     if 200 <= status < 300:
         code = body.get("code", status) if answer.body is not None else status
-        if endpoint not in FORM_ENDPOINTS and answer.body is None:
-            # Event APIs always answer JSON; a 2xx page from elsewhere is a proxy's.
+        if answer.body is None and (
+            endpoint not in FORM_ENDPOINTS or answer.text.strip().lower() != "success"
+        ):
+            # Event APIs always answer JSON, the form APIs `success`; any other 2xx page is a
+            # proxy's, and nothing says Amplitude got the rows.
             return Reading(Verdict.TRANSIENT, f"HTTP {status} with a non-JSON body: {answer.text}")
         if isinstance(code, int) and not 200 <= code < 300:
             status = code
@@ -56,6 +66,23 @@ def read(answer: Answer, items: Sequence[Prepared], endpoint: str) -> Reading:
     error = answer.text or f"HTTP {status}"
     if status == 400:
         lowered = error.lower()
+        if _is_page(answer, endpoint):
+            return Reading(
+                Verdict.PAUSE,
+                f"HTTP 400 with a page that is not Amplitude's answer (a proxy or gateway in the "
+                f"way? check AMPLITUDE_SERVER_URL): {error}",
+            )
+        if lowered.startswith(REQUEST_ERRORS):
+            return Reading(
+                Verdict.PAUSE,
+                f"HTTP 400 for the whole request, not a row: {error} (check AMPLITUDE_SERVER_URL "
+                "and any proxy in the way)",
+            )
+        if body.get("missing_field") and not any(body.get(name) for name in _INDEX_MAPS):
+            return Reading(
+                Verdict.PAUSE,
+                f"HTTP 400: the request lacks {body['missing_field']}: {error}",
+            )
         if lowered.startswith("invalid api key") or "invalid_api_key" in lowered:
             return Reading(
                 Verdict.PAUSE,
@@ -75,7 +102,7 @@ def read(answer: Answer, items: Sequence[Prepared], endpoint: str) -> Reading:
             return Reading(Verdict.REJECTED_ROWS, error, rejected=rejected)
         return Reading(Verdict.SPLIT, f"HTTP 400: {error}")
     if status == 413:
-        return Reading(Verdict.SPLIT, f"HTTP 413: {error}")
+        return Reading(Verdict.TOO_LARGE, f"HTTP 413: {error}")
     if status == 429:
         quota_ids = set(body.get("exceeded_daily_quota_users") or {}) | set(
             body.get("exceeded_daily_quota_devices") or {}
@@ -94,7 +121,7 @@ def read(answer: Answer, items: Sequence[Prepared], endpoint: str) -> Reading:
             Verdict.THROTTLED, f"HTTP 429: {error}", throttled=throttled - quota, daily_quota=quota
         )
     if status == 403:
-        return Reading(Verdict.PAUSE, f"HTTP 403 from Amplitude's firewall: {error}")
+        return Reading(Verdict.BLOCKED, f"HTTP 403 from Amplitude's firewall: {error}")
     if status >= 500 or status == 408:
         return Reading(Verdict.TRANSIENT, f"HTTP {status}: {error}")
     return Reading(
@@ -106,3 +133,24 @@ def _indexes(values: Any) -> list[int]:
     if isinstance(values, int):
         return [values]
     return [v for v in values if isinstance(v, int)] if isinstance(values, list) else []
+
+
+def _is_page(answer: Answer, endpoint: str) -> bool:
+    """A 400 that is not Amplitude's answer: the event APIs always answer JSON, the form APIs
+    plain text; an HTML page comes from something in between."""
+    if answer.body is not None:
+        return False
+    if endpoint not in FORM_ENDPOINTS:
+        return True
+    return answer.text.lstrip().lower().startswith(("<html", "<!doctype", "<head", "<body"))
+
+
+def not_ingested(answer: Answer, items: Sequence[Prepared], endpoint: str) -> int:
+    """How many events of an accepted request a 200 says were not ingested (it counts them in
+    `events_ingested`; fewer than sent has been reported, docs/amplitude.md, "200")."""
+    if endpoint in FORM_ENDPOINTS or answer.body is None:
+        return 0
+    ingested = answer.body.get("events_ingested")
+    if not isinstance(ingested, int) or isinstance(ingested, bool):
+        return 0
+    return max(0, len(items) - ingested)

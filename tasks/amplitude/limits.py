@@ -30,6 +30,8 @@ MAX_BYTES = {
     "groupidentify": 1_000_000,
 }
 MAX_ITEMS = {"http_v2": 2000, "batch": 2000, "identify": 1024, "groupidentify": 1024}
+# /groupidentify also counts group properties: at most 1024 per request, whatever the rows.
+MAX_GROUP_PROPERTIES = 1024
 PATHS = {
     "http_v2": "/2/httpapi",
     "batch": "/batch",
@@ -99,6 +101,5 @@ COLUMN_FIELDS = frozenset(
         "properties",
         "extra",
         "api_key",
-        "$skip_user_properties_sync",
     ]
 )

@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
+from urllib.parse import quote_plus
 
 import orjson
 
@@ -22,11 +24,13 @@ from .limits import (
     INVALID_IDS,
     MAX_BYTES,
     MAX_DEPTH,
+    MAX_GROUP_PROPERTIES,
     MAX_ITEMS,
     MAX_KEYS,
     MAX_STRING,
     RESERVED_EVENT_TYPES,
     USER_OPERATIONS,
+    Endpoint,
 )
 
 
@@ -40,6 +44,20 @@ class Prepared:
     blob: bytes  # the serialized event or identification
     user_id: str | None
     device_id: str | None
+    # What the item adds to a request: bytes on the wire (after URL encoding on the form APIs)
+    # and, on /groupidentify, its group properties (that API counts those, not rows).
+    size: int = 0
+    properties: int = 0
+    # Rows merged into this item (several $set-only identify rows of one user): sent as one,
+    # acknowledged each.
+    also: tuple[int, ...] = ()
+
+    def ids(self) -> tuple[int, ...]:
+        return (self.row_id, *self.also) if self.also else (self.row_id,)
+
+    @property
+    def wire_size(self) -> int:
+        return self.size or len(self.blob)
 
 
 @dataclass
@@ -68,7 +86,13 @@ class Row:
 
 # The queue columns a send loads, in Row's order (db/queue.py selects exactly these).
 ROW_COLUMNS = tuple(f.name for f in fields(Row))
-_ROW_FIELDS = len(ROW_COLUMNS)  # a loaded row may carry more columns after these
+_ROW_FIELDS = len(ROW_COLUMNS)
+try:
+    _VERSION = version("ampsync")
+except PackageNotFoundError:  # run from a checkout that was never installed
+    _VERSION = "0"
+# Every event says who sent it, as the official SDKs do (docs/amplitude.md, "Sender").
+LIBRARY = f"ampsync/{_VERSION}"  # a loaded row may carry more columns after these
 _EPOCH = datetime(1970, 1, 1)
 _EPOCH_UTC = _EPOCH.replace(tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
@@ -94,6 +118,10 @@ class Builder:
 
     def prepare(self, rows: Sequence[Any]) -> Prepare:
         result = Prepare()
+        # Per user (device): the item a following $set-only identify row may merge into, with
+        # its payload. Amplitude drops updates of a user updated over 1,800 times an hour
+        # (docs/amplitude.md, "Property-update budget"): one update instead of several.
+        merging: dict[str, tuple[int, dict[str, Any]]] = {}
         for raw in rows:
             # A plain Row: payload() reading a loaded row's attributes directly made the send
             # slower than this copy does (bench/README.md, finding 6).
@@ -111,9 +139,61 @@ class Builder:
                     "shrink properties/extra"
                 )
                 continue
-            result.items.append(Prepared(row.id, blob, row.user_id, row.device_id))
+            if row.kind == "identify":
+                key = row.user_id or f"@device:{row.device_id}"
+                into = merging.pop(key, None)
+                if _set_only(payload, row):
+                    merged = self._merge(result.items, into, payload, row) if into else None
+                    if merged is not None:
+                        merging[key] = merged
+                        continue
+                    merging[key] = (len(result.items), payload)
+            result.items.append(self._prepared(row, payload, blob))
         result.truncated = self.cuts
         return result
+
+    def _merge(
+        self,
+        items: list[Prepared],
+        into: tuple[int, dict[str, Any]],
+        payload: dict[str, Any],
+        row: Row,
+    ) -> tuple[int, dict[str, Any]] | None:
+        """A $set-only identify row merged into the earlier item of its user: later values win,
+        the later row's time and insert_id go; None when the merged item would be too large."""
+        index, earlier = into
+        values = {**earlier["user_properties"]["$set"], **payload["user_properties"]["$set"]}
+        merged = {**earlier, "user_properties": {"$set": values}}
+        for name in ("time", "insert_id"):
+            if name in payload:
+                merged[name] = payload[name]
+        blob = orjson.dumps(merged)
+        if len(blob) > MAX_BYTES[self.endpoint] - 200:
+            return None
+        item = items[index]
+        fresh = self._prepared(row, merged, blob)
+        items[index] = Prepared(
+            item.row_id,
+            blob,
+            item.user_id,
+            item.device_id,
+            fresh.size,
+            fresh.properties,
+            (*item.also, row.id),
+        )
+        return index, merged
+
+    def _prepared(self, row: Row, payload: dict[str, Any], blob: bytes) -> Prepared:
+        if self.endpoint not in FORM_ENDPOINTS:
+            return Prepared(row.id, blob, row.user_id, row.device_id)
+        # Form bodies are URL-encoded: `{`, `"`, `:` and `,` take three bytes each.
+        size = len(quote_plus(blob))
+        properties = 0
+        if self.endpoint == Endpoint.GROUP_IDENTIFY:
+            properties = sum(
+                len(v) if isinstance(v, dict) else 1 for v in payload["group_properties"].values()
+            )
+        return Prepared(row.id, blob, row.user_id, row.device_id, size, properties)
 
     # --- mapping -------------------------------------------------------------------------------
 
@@ -166,6 +246,7 @@ class Builder:
                     "time": self._time(row),
                     "insert_id": self._insert_id(row),
                     "user_properties": ops,
+                    "library": LIBRARY,
                     **extra,
                 }
             )
@@ -187,6 +268,7 @@ class Builder:
                 "time": self._time(row),
                 "insert_id": self._insert_id(row),
                 "event_properties": props or None,
+                "library": LIBRARY,
                 **extra,
             }
         )
@@ -202,12 +284,29 @@ class Builder:
             self._check_tree(ops, "properties", 1)
         if not ops:
             raise RowError("properties is empty: a group_identify row needs properties to set")
-        return {
-            "group_type": row.group_type,
-            "group_value": row.group_value,
-            "group_properties": ops,
-            **extra,
-        }
+        if self.endpoint in FORM_ENDPOINTS:
+            return {
+                "group_type": row.group_type,
+                "group_value": row.group_value,
+                "group_properties": ops,
+                **extra,
+            }
+        # Through the event APIs a group row is a `$groupidentify` event, as the official SDKs
+        # send it: its insert_id makes a re-send harmless (docs/amplitude.md, "Identify and
+        # group identify"); the form API deduplicates nothing.
+        return _compact(
+            {
+                "event_type": "$groupidentify",
+                "user_id": row.user_id,
+                "device_id": row.device_id,
+                "groups": {row.group_type: row.group_value},
+                "group_properties": ops,
+                "time": self._time(row),
+                "insert_id": self._insert_id(row),
+                "library": LIBRARY,
+                **extra,
+            }
+        )
 
     def _check_ids(self, row: Row) -> None:
         if not row.user_id and not row.device_id:
@@ -361,14 +460,26 @@ def pack(
     """Consecutive runs of items that fit one request (count and bytes), order kept."""
     limit_bytes = (max_bytes or MAX_BYTES[endpoint]) - 200  # envelope: api_key, options
     limit_items = min(max_items, MAX_ITEMS[endpoint])
+    limit_properties = MAX_GROUP_PROPERTIES if endpoint == Endpoint.GROUP_IDENTIFY else 0
     run: list[Prepared] = []
-    size = 0
+    size = properties = 0
     for item in items:
-        grow = len(item.blob) + 1
-        if run and (len(run) >= limit_items or size + grow > limit_bytes):
+        grow = item.wire_size + 1
+        if run and (
+            len(run) >= limit_items
+            or size + grow > limit_bytes
+            or (limit_properties and properties + item.properties > limit_properties)
+        ):
             yield run
-            run, size = [], 0
+            run, size, properties = [], 0, 0
         run.append(item)
         size += grow
+        properties += item.properties
     if run:
         yield run
+
+
+def _set_only(payload: dict[str, Any], row: Row) -> bool:
+    """An identify that only sets properties (no other operation, nothing from `extra`)."""
+    ops = payload.get("user_properties")
+    return not row.extra and isinstance(ops, dict) and ops.keys() == {"$set"}

@@ -25,7 +25,7 @@ from ..outcomes import FAILURE_CLASSES, KINDS
 from ..settings import SettingsError
 from ..worker.jobs import sync
 from ..worker.process import worker_command
-from . import demo, status
+from . import check, demo, statements, status
 from .progress import Progress
 
 
@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--users", type=int, default=300, help="sample users (default 300)")
     p.add_argument("--keep", action="store_true", help="keep the demo's folder")
     p.set_defaults(func=cmd_demo)
+
+    check.add_parser(sub)
+    statements.add_parser(sub)
 
     p = sub.add_parser("feed", help="feeds: queue rows from a SQL query, sending only changes")
     feed = p.add_subparsers(dest="feed_command", required=True, metavar="FEED_COMMAND")

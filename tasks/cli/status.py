@@ -10,6 +10,11 @@ from ..db import endpoints, history, reports
 from ..db.schema import QueueTables
 from ..settings import Settings, mask_url
 
+# Amplitude drops property updates of a user updated over 1,800 times an hour
+# (docs/amplitude.md): `status` names users past this share of it.
+UPDATE_LIMIT_PER_HOUR = 1800
+NEAR_UPDATE_LIMIT = UPDATE_LIMIT_PER_HOUR * 3 // 4
+
 
 def collect(s: Settings, tables: QueueTables, engine: Engine) -> dict[str, Any]:
     with engine.connect() as conn:
@@ -18,6 +23,7 @@ def collect(s: Settings, tables: QueueTables, engine: Engine) -> dict[str, Any]:
         failures = reports.failures(conn, tables)
         states = endpoints.read_all(conn, tables)
         runs = history.last_runs(conn, tables, limit=5)
+        busy = reports.busy_users(conn, tables, NEAR_UPDATE_LIMIT)
     oldest = pending["oldest_pending"]
     return {
         "database": mask_url(s.database_url),
@@ -40,6 +46,7 @@ def collect(s: Settings, tables: QueueTables, engine: Engine) -> dict[str, Any]:
             for e in states
         ],
         "last_runs": runs,
+        "users_near_update_limit": [{"user_id": u, "updates_last_hour": n} for u, n in busy],
         "common_errors": [{"error": err, "rows": n} for err, n in failures["common"]],
         "recent_failures": [
             {"id": i, "kind": k, "user_id": u, "error": err} for i, k, u, err in failures["recent"]
@@ -81,6 +88,15 @@ def render(report: dict) -> str:
             f"  {r['started_at']:%Y-%m-%d %H:%M:%S} {r['run_id']}  {r['rows_claimed']:>7} "
             f"{r['rows_sent']:>7} {r['rows_failed']:>7} {r['rows_retried']:>7}"
             for r in report["last_runs"]
+        ]
+    if report.get("users_near_update_limit"):
+        lines += [
+            "",
+            f"users near Amplitude's {UPDATE_LIMIT_PER_HOUR} updates an hour (identify rows sent in the last hour):",
+        ]
+        lines += [
+            f"  {u['updates_last_hour']:>6} {u['user_id']}"
+            for u in report["users_near_update_limit"]
         ]
     if report["common_errors"]:
         lines += ["", "most common errors of failed rows:"]

@@ -25,6 +25,12 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         options["isolation_level"] = "READ COMMITTED"
     else:
         options["pool_recycle"] = 1800
+        if url.startswith(("mysql", "mariadb")):
+            # Under InnoDB's default REPEATABLE READ the claim's UPDATE of the ids it picked
+            # locks every row its scan passes and waits on rows another claim holds (found by
+            # `ampsync check`); READ COMMITTED reads those rows' committed version and skips
+            # them, as PostgreSQL does by default.
+            options["isolation_level"] = "READ COMMITTED"
     options.update(kwargs)
     engine = create_engine(url, **options)
     if engine.dialect.name == "sqlite":

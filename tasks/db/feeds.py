@@ -33,8 +33,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ClauseElement, TextClause
 
 from ..outcomes import INVALID
+from . import retry
 from .schema import QueueTables
 from .sql import FAILED, utcnow
+from .tsql import CHUNK, DriverSQL, counted, driver_sql, run_count, with_identity
 
 # The queue columns a feed fills; the queue assigns the others (id, status, created_at, …).
 QUEUE_COLUMNS = (
@@ -50,8 +52,8 @@ QUEUE_COLUMNS = (
     "extra",
 )
 
-# SQL Server caps a statement at 2100 parameters; id lists are sent in chunks below that.
-_IDS_PER_STATEMENT = 1000
+# Ids (and state rows) per statement: see tasks/db/tsql.py's CHUNK.
+_IDS_PER_STATEMENT = CHUNK
 
 
 class FeedSource(Protocol):
@@ -107,7 +109,7 @@ _BOUND_SQL = {
     # Every transaction below the snapshot's xmin has finished.
     "xid": "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS bound",
 }
-_SOURCE_ALIAS = "ampsync_source"
+SOURCE_ALIAS = "ampsync_source"
 
 
 def read_bound(conn: Connection, cursor_mode: str | None) -> int | None:
@@ -123,6 +125,50 @@ def _escape_colons(sql: str) -> str:
     return re.sub(r"(?<![:\w\\]):(?=\w)", r"\\:", sql)
 
 
+def wrapper_problems(query: str, dialect_name: str) -> list[str]:
+    """What keeps an event feed's query from running wrapped as `SELECT * FROM (query) AS
+    ampsync_source` on SQL Server, each with what to change: ORDER BY without TOP (error
+    1033), a column without a name (8155), two columns of one name (8156). Empty when the
+    query is fine, is not SQL Server's, or cannot be parsed here (the server then says)."""
+    if dialect_name != "mssql":
+        return []
+    try:
+        import sqlglot
+        from sqlglot import expressions as exp
+    except ImportError:  # pragma: no cover - sqlglot is a dependency
+        return []
+    try:
+        tree = sqlglot.parse_one(query, read="tsql")
+    except sqlglot.errors.SqlglotError:
+        return []
+    problems: list[str] = []
+    ordered = isinstance(tree, exp.Query) and tree.args.get("order")
+    if ordered and not (tree.args.get("limit") or tree.args.get("offset")):
+        problems.append(
+            "ORDER BY is not allowed in the wrapped query without TOP: remove it (ampsync "
+            "reads rows in cursor order itself)"
+        )
+    selects = tree.selects if isinstance(tree, exp.Query) else []
+    seen: dict[str, int] = {}
+    for n, column in enumerate(selects, 1):
+        if isinstance(column, exp.Star) or (
+            isinstance(column, exp.Column) and isinstance(column.this, exp.Star)
+        ):
+            continue
+        name = column.alias_or_name
+        if not name:
+            problems.append(
+                f"column {n} ({column.sql(dialect='tsql')[:60]}) has no name: give it one with AS"
+            )
+            continue
+        if name.lower() in seen:
+            problems.append(
+                f"column {n} is named {name!r} like column {seen[name.lower()]}: rename one with AS"
+            )
+        seen.setdefault(name.lower(), n)
+    return problems
+
+
 def source_statement(feed: FeedSource, dialect: Dialect, first_run: bool = False) -> TextClause:
     """The statement a run executes on the source. Event feeds get the cursor's bounds: a
     query is wrapped and filtered; a procedure receives them as parameters `after`/`before`."""
@@ -134,8 +180,16 @@ def source_statement(feed: FeedSource, dialect: Dialect, first_run: bool = False
     if feed.procedure:
         names = list(feed.params) + bounds
         if dialect.name == "mssql":
-            sql = f"EXEC {feed.procedure}" + (
-                " " + ", ".join(f"@{n} = :{n}" for n in names) if names else ""
+            values = {n: f":{n}" for n in names}
+            declare = ""
+            if feed.cursor_mode == "rowversion":
+                # EXEC takes no expressions: the bounds go through BIGINT variables, so a
+                # bound above 2^31 (a DECIMAL literal) reaches the procedure as the counter.
+                declare = "DECLARE " + ", ".join(f"@ampsync_{n} BIGINT = :{n}" for n in bounds)
+                declare += ";\n"
+                values.update({n: f"@ampsync_{n}" for n in bounds})
+            sql = f"{declare}EXEC {feed.procedure}" + (
+                " " + ", ".join(f"@{n} = {v}" for n, v in values.items()) if names else ""
             )
         elif dialect.name == "postgresql":
             sql = f"SELECT * FROM {feed.procedure}({', '.join(f'{n} => :{n}' for n in names)})"
@@ -148,14 +202,20 @@ def source_statement(feed: FeedSource, dialect: Dialect, first_run: bool = False
     if not bounds:
         return text(sql)
     assert feed.cursor is not None
-    column = f"{_SOURCE_ALIAS}.{dialect.identifier_preparer.quote(feed.cursor)}"
+    column = f"{SOURCE_ALIAS}.{dialect.identifier_preparer.quote(feed.cursor)}"
     if feed.cursor_mode == "rowversion":
-        where = f"{column} > CAST(:after AS BINARY(8)) AND {column} < CAST(:before AS BINARY(8))"
+        # pymssql writes the bounds as bare integers; above 2^31 SQL Server types them DECIMAL,
+        # whose BINARY(8) is not the counter's: cast through BIGINT (docs/sqlserver.md).
+        after, before = (
+            "CAST(CAST(:after AS BIGINT) AS BINARY(8))",
+            "CAST(CAST(:before AS BIGINT) AS BINARY(8))",
+        )
+        where = f"{column} > {after} AND {column} < {before}"
     elif feed.cursor_mode == "xid":
         where = f"{column} > :after AND {column} < :before"
     else:
         where = f"{column} >= :after"
-    return text(f"SELECT * FROM ({sql}) AS {_SOURCE_ALIAS} WHERE {where}")
+    return text(f"SELECT * FROM ({sql}) AS {SOURCE_ALIAS} WHERE {where}")
 
 
 # --- the feed's row: version, cursor, last run -------------------------------------------------
@@ -186,8 +246,7 @@ def add_feed_row(conn: Connection, ft: FeedTables, feed_name: str) -> FeedRow:
             conn.execute(insert(ft.feeds).values(feed=feed_name, version=0))
     except IntegrityError:
         pass  # another run created it
-    with conn.begin():
-        row = conn.execute(_feed_select(ft, feed_name)).one()
+    row = retry.transaction(conn, lambda c: c.execute(_feed_select(ft, feed_name)).one())
     return FeedRow(row[0], row[1], row[2])
 
 
@@ -200,10 +259,23 @@ def _take_turn(ft: FeedTables, feed_name: str, version: int) -> Update:
     )
 
 
+def take_turn_statement(
+    ft: FeedTables, feed_name: str, version: int, dialect: Dialect
+) -> Update | DriverSQL:
+    """The version bump; on SQL Server followed by `SELECT @@ROWCOUNT` in the same batch: with
+    NOCOUNT on (a server's user options) the driver's rowcount is -1."""
+    if dialect.name == "mssql":
+        return counted(driver_sql(_take_turn(ft, feed_name, version), dialect))
+    return _take_turn(ft, feed_name, version)
+
+
 def take_turn(conn: Connection, ft: FeedTables, feed_name: str, version: int) -> bool:
     """This run's turn: the version bump locks the feed's row until commit, and matches
     nothing (False) when another run committed since this one read `version`."""
-    return conn.execute(_take_turn(ft, feed_name, version)).rowcount == 1
+    statement = take_turn_statement(ft, feed_name, version, conn.dialect)
+    if isinstance(statement, DriverSQL):
+        return run_count(conn, statement) == 1
+    return conn.execute(statement).rowcount == 1
 
 
 def _run_update(
@@ -326,10 +398,12 @@ def write_state(
             for r in rows
         ]
 
-    if changed:
-        conn.execute(_state_update(ft), params(changed))
-    if new:
-        conn.execute(_state_insert(ft), params(new))
+    # One row per statement (executemany), at most CHUNK rows per call; all in the run's
+    # transaction, which must stay whole (tasks/feeds/runner.py).
+    for start in range(0, len(changed), _IDS_PER_STATEMENT):
+        conn.execute(_state_update(ft), params(changed[start : start + _IDS_PER_STATEMENT]))
+    for start in range(0, len(new), _IDS_PER_STATEMENT):
+        conn.execute(_state_insert(ft), params(new[start : start + _IDS_PER_STATEMENT]))
 
 
 # --- the queue rows a run enqueues -------------------------------------------------------------
@@ -340,6 +414,10 @@ def enqueue(conn: Connection, ft: FeedTables, rows: Sequence[dict[str, Any]]) ->
     if not rows:
         return []
     table = ft.queue
+    if conn.dialect.name == "mssql":
+        # One row a batch, its id from SCOPE_IDENTITY(): OUTPUT without INTO fails once the
+        # queue table has a trigger (error 334, docs/sqlserver.md).
+        return [run_count(conn, enqueue_statement(ft, row, conn.dialect)) for row in rows]
     if conn.dialect.insert_executemany_returning_sort_by_parameter_order:
         statement = insert(table).returning(table.c.id, sort_by_parameter_order=True)
         return list(conn.execute(statement, list(rows)).scalars())
@@ -349,6 +427,14 @@ def enqueue(conn: Connection, ft: FeedTables, rows: Sequence[dict[str, Any]]) ->
         assert key is not None  # an INSERT always has one
         ids.append(key[0])
     return ids
+
+
+def enqueue_statement(ft: FeedTables, row: Mapping[str, Any], dialect: Dialect) -> Any:
+    """One row's INSERT as `dialect` runs it (SQL Server: with its id in the same batch)."""
+    statement = insert(ft.queue).values(**row).inline()  # no OUTPUT on SQL Server
+    if dialect.name == "mssql":
+        return with_identity(driver_sql(statement, dialect))
+    return statement
 
 
 def mark_invalid(conn: Connection, ft: FeedTables, queue_id: int, error: str) -> None:
@@ -376,6 +462,10 @@ def review_statements(feed: FeedSource, tables: QueueTables, dialect: Dialect) -
             compiled = statement.compile(dialect=dialect)
         return str(compiled).strip()
 
+    # SQL Server's batches around the statements (tsql.py): the count and the new id
+    mssql = dialect.name == "mssql"
+    counted_suffix = ";\nSELECT @@ROWCOUNT AS n" if mssql else ""
+    identity_suffix = ";\nSELECT CAST(SCOPE_IDENTITY() AS BIGINT) AS id" if mssql else ""
     bounds: dict[str, int] = {"after": 0, "before": 1000} if feed.kind == "event" else {}
     if feed.cursor_mode == "overlap":
         bounds = {"after": 0}
@@ -385,18 +475,21 @@ def review_statements(feed: FeedSource, tables: QueueTables, dialect: Dialect) -
         out["bound"] = _BOUND_SQL[feed.cursor_mode]
     out.update(
         {
-            "take_turn": sql(_take_turn(ft, feed.name, 7)),
+            "take_turn": sql(_take_turn(ft, feed.name, 7)) + counted_suffix,
             "cursor": sql(_run_update(ft, feed.name, "{}", ('{"value": 1}', None))),
             "state": sql(_state_select(ft, feed.name)),
             "queue_status": sql(_status_select(ft, [1, 2, 3])),
             "state_update": sql(_state_update(ft), literal=False),
             "state_insert": sql(_state_insert(ft), literal=False),
             "enqueue": sql(
-                insert(ft.queue)
+                insert(ft.queue).values({c: bindparam(c) for c in QUEUE_COLUMNS}).inline()
+                if dialect.name == "mssql"
+                else insert(ft.queue)
                 .values({c: bindparam(c) for c in QUEUE_COLUMNS})
                 .returning(ft.queue.c.id),
                 literal=False,
-            ),
+            )
+            + identity_suffix,
         }
     )
     return out

@@ -5,41 +5,63 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, Insert, Select, func, select
 
+from . import retry
 from .schema import QueueTables
+from .sql import lit, varchar
 
 SYNC, BATCH = "sync", "batch"  # the `task` column's values
 
 
+def record_statement(tables: QueueTables, history: dict[str, Any]) -> Insert:
+    # inline: no OUTPUT inserted.id on SQL Server (it fails once the table has a trigger)
+    return tables.runs.insert().values(**history).inline()
+
+
 def record_run(conn: Connection, tables: QueueTables, history: dict[str, Any]) -> None:
-    with conn.begin():
-        conn.execute(tables.runs.insert().values(**history))
+    statement = record_statement(tables, history)
+    retry.transaction(conn, lambda c: c.execute(statement))
+
+
+def last_runs_statements(
+    tables: QueueTables, limit: int = 5, run_ids: list[str] | None = None
+) -> list[Select[Any]]:
+    """The latest syncs, then what the batches of the given syncs did. `task` and `run_id`
+    are VARCHAR: compared with plain literals (db/sql.py)."""
+    r = tables.runs
+    syncs = (
+        select(r.c.run_id, r.c.started_at, r.c.rows_claimed, r.c.error)
+        .where(r.c.task == lit(SYNC), r.c.rows_claimed > 0)
+        .order_by(r.c.id.desc())
+        .limit(limit)
+    )
+    batches = (
+        select(
+            r.c.run_id,
+            func.sum(r.c.rows_sent),
+            func.sum(r.c.rows_failed),
+            func.sum(r.c.rows_retried),
+            func.max(r.c.finished_at),
+        )
+        .where(r.c.task == lit(BATCH), r.c.run_id.in_([varchar(i) for i in run_ids or []]))
+        .group_by(r.c.run_id)
+    )
+    return [syncs, batches]
 
 
 def last_runs(conn: Connection, tables: QueueTables, limit: int = 5) -> list[dict[str, Any]]:
     """The latest syncs that claimed rows, each with what its batches did."""
-    r = tables.runs
-    syncs = conn.execute(
-        select(r.c.run_id, r.c.started_at, r.c.rows_claimed, r.c.error)
-        .where(r.c.task == SYNC, r.c.rows_claimed > 0)
-        .order_by(r.c.id.desc())
-        .limit(limit)
-    ).all()
+    syncs = retry.transaction(
+        conn, lambda c: c.execute(last_runs_statements(tables, limit)[0]).all()
+    )
     if not syncs:
         return []
+    by_run = last_runs_statements(tables, limit, [row.run_id for row in syncs])[1]
     batches = {
         run_id: (sent, failed, retried, finished)
-        for run_id, sent, failed, retried, finished in conn.execute(
-            select(
-                r.c.run_id,
-                func.sum(r.c.rows_sent),
-                func.sum(r.c.rows_failed),
-                func.sum(r.c.rows_retried),
-                func.max(r.c.finished_at),
-            )
-            .where(r.c.task == BATCH, r.c.run_id.in_([row.run_id for row in syncs]))
-            .group_by(r.c.run_id)
+        for run_id, sent, failed, retried, finished in retry.transaction(
+            conn, lambda c: c.execute(by_run).all()
         )
     }
     report = []

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Connection,
     Row,
     Select,
@@ -23,21 +24,30 @@ from sqlalchemy import (
     case,
     exists,
     func,
+    literal,
     literal_column,
     or_,
     select,
     update,
 )
-from sqlalchemy.engine import Compiled, Dialect
-from sqlalchemy.sql.expression import ColumnClause, ColumnElement, FromClause
+from sqlalchemy.engine import Dialect
+from sqlalchemy.sql.expression import ColumnElement, Executable, FromClause
 
 from ..amplitude.payloads import ROW_COLUMNS
-from ..outcomes import FAILURE_CLASSES, GAVE_UP, INVALID, KINDS, ORDERED_KINDS
+from ..outcomes import FAILURE_CLASSES, GAVE_UP, INVALID, KINDS, ORDERED_KINDS, Kind
+from . import chunks, retry
+from .chunks import Change
 from .schema import QueueTables
-from .sql import FAILED, IN_FLIGHT, PENDING, SENT, lit, utcnow, utcnow_plus
+from .sql import FAILED, IN_FLIGHT, PENDING, SENT, bigint, lit, utcnow, utcnow_plus
+from .sql import token as token_literal
+from .tsql import CHUNK, DriverSQL, driver_sql
 
-# SQL Server caps a statement at 2100 parameters; id lists are sent in chunks below that.
-_IDS_PER_STATEMENT = 1000
+# Ids per statement: a statement changes at most this many rows (SQL Server escalates to a
+# table lock at about 5,000 locks, docs/sqlserver.md).
+_IDS_PER_STATEMENT = CHUNK
+
+# Every statement ampsync sends: a SQLAlchemy statement, or a T-SQL batch (tasks/db/tsql.py).
+Statement = Executable | DriverSQL
 
 # --- claim -------------------------------------------------------------------------------------
 
@@ -89,7 +99,13 @@ def _earlier_of_same_key(
 
 
 def claim_statement(
-    tables: QueueTables, kind: str, limit: int, lease_seconds: float, token: str, after_id: int = 0
+    tables: QueueTables,
+    kind: str,
+    limit: int,
+    lease_seconds: float,
+    token: str,
+    after_id: int = 0,
+    after_identify: bool = False,
 ) -> tuple[Select[Any], Update]:
     """The claim, as one statement (two on MySQL, which lacks UPDATE … RETURNING).
 
@@ -100,6 +116,8 @@ def claim_statement(
     statistics taken while every row was pending, PostgreSQL otherwise walks the primary key
     over every row already claimed, so claims grow through a drain; with the floor they stay
     flat (bench/README.md, finding 3). The same-key check ignores it.
+    `after_identify`: an event waits while an earlier identify row of its user (else device)
+    is pending or in flight, so Amplitude stamps it with the properties written before it.
     Returns (select of candidate ids, update of those ids) — the update is `.returning(id)`.
     """
     assert kind in KINDS
@@ -124,6 +142,14 @@ def claim_statement(
             ),
         )
         due = and_(due, ~blocked)
+    if kind == Kind.EVENT and after_identify:
+        waiting = _earlier_of_same_key(
+            q,
+            Kind.IDENTIFY,
+            candidate,
+            lambda earlier: (earlier.c.status.in_([PENDING, IN_FLIGHT]),),
+        )
+        due = and_(due, ~waiting)
     if after_id:
         due = and_(due, candidate.c.id > after_id)
     pick = (
@@ -137,11 +163,75 @@ def claim_statement(
     stamp = update(q).values(
         status=IN_FLIGHT,
         claim_token=token,
-        locked_until=utcnow_plus(literal_column(str(float(lease_seconds)))),
+        locked_until=utcnow_plus(lease_seconds),
         attempts=q.c.attempts + 1,
         first_attempt_at=func.coalesce(q.c.first_attempt_at, utcnow()),
     )
     return pick, stamp
+
+
+# The columns the claim's CTE exposes to its UPDATE on SQL Server.
+_CLAIMED = ("id", "status", "claim_token", "locked_until", "attempts", "first_attempt_at")
+
+
+def claim_batch(
+    tables: QueueTables,
+    kind: str,
+    limit: int,
+    lease_seconds: float,
+    token: str,
+    dialect: Dialect,
+    after_id: int = 0,
+    after_identify: bool = False,
+) -> DriverSQL:
+    """The claim on SQL Server: one table reference, read and locked under ROWLOCK, UPDLOCK,
+    READPAST, and the claimed ids returned through OUTPUT … INTO a table variable (OUTPUT
+    without INTO fails once the queue table has a trigger). docs/sqlserver.md shows it."""
+    if not token or any(c not in "0123456789abcdef" for c in token):
+        raise ValueError(f"a claim token is hex digits, not {token!r}")
+    pick, _ = claim_statement(tables, kind, limit, lease_seconds, token, after_id, after_identify)
+    candidate = pick.selected_columns[0].table
+    rows = driver_sql(pick.with_only_columns(*(candidate.c[n] for n in _CLAIMED)), dialect)
+    lease = str(utcnow_plus(lease_seconds).compile(dialect=dialect))
+    return DriverSQL(
+        "DECLARE @ids TABLE (id BIGINT PRIMARY KEY);\n"
+        f"WITH c AS (\n{rows.sql}\n)\n"
+        f"UPDATE c SET status = {IN_FLIGHT}, claim_token = '{token}', locked_until = {lease}, "
+        "attempts = attempts + 1, "
+        "first_attempt_at = COALESCE(first_attempt_at, SYSUTCDATETIME())\n"
+        "OUTPUT inserted.id INTO @ids;\n"
+        "SELECT id FROM @ids ORDER BY id",
+        rows.params,
+    )
+
+
+def claim_statements(
+    tables: QueueTables,
+    kind: str,
+    limit: int,
+    lease_seconds: float,
+    token: str,
+    dialect: Dialect,
+    after_id: int = 0,
+    after_identify: bool = False,
+    ids: Sequence[int] = (),
+) -> list[Statement]:
+    """What a claim sends on `dialect`: the SQL Server batch; on MySQL/MariaDB (no UPDATE …
+    RETURNING) the locking SELECT, then the UPDATE of the `ids` it returned; elsewhere one
+    UPDATE … RETURNING."""
+    if dialect.name == "mssql":
+        return [
+            claim_batch(
+                tables, kind, limit, lease_seconds, token, dialect, after_id, after_identify
+            )
+        ]
+    pick, stamp = claim_statement(
+        tables, kind, limit, lease_seconds, token, after_id, after_identify
+    )
+    q = tables.queue
+    if dialect.name in ("mysql", "mariadb"):
+        return [pick, *(stamp.where(q.c.id.in_(chunk)) for chunk in _chunks(list(ids)))]
+    return [stamp.where(q.c.id.in_(pick.scalar_subquery())).returning(q.c.id)]
 
 
 def claim(
@@ -151,36 +241,30 @@ def claim(
     limit: int,
     lease_seconds: float,
     after_id: int = 0,
+    after_identify: bool = False,
 ) -> Claim:
     """Claim up to `limit` due rows of `kind` with ids above `after_id` under a new token
     (commits)."""
     token = uuid.uuid4().hex
-    pick, stamp = claim_statement(tables, kind, limit, lease_seconds, token, after_id)
-    q = tables.queue
-    with conn.begin():
-        if conn.dialect.name in ("mysql", "mariadb"):
-            ids = list(conn.execute(pick).scalars())  # locked FOR UPDATE until the commit
-            for chunk in _chunks(ids):
-                conn.execute(stamp.where(q.c.id.in_(chunk)))
-        else:
-            statement = stamp.where(q.c.id.in_(pick.scalar_subquery())).returning(q.c.id)
-            ids = list(conn.execute(statement).scalars())
+    dialect = conn.dialect
+
+    def statements(ids: Sequence[int] = ()) -> list[Statement]:
+        return claim_statements(
+            tables, kind, limit, lease_seconds, token, dialect, after_id, after_identify, ids
+        )
+
+    def run(c: Connection) -> list[int]:
+        first = statements()[0]
+        if isinstance(first, DriverSQL):
+            return list(first.run(c).scalars())
+        ids = list(c.execute(first).scalars())
+        if dialect.name in ("mysql", "mariadb"):  # locked FOR UPDATE until the commit
+            for stamp in statements(ids)[1:]:
+                c.execute(_core(stamp))
+        return ids
+
+    ids = retry.transaction(conn, run)
     return Claim(token, len(ids), max(ids, default=0))
-
-
-def compiled_claim(
-    tables: QueueTables,
-    kind: str,
-    limit: int,
-    lease_seconds: float,
-    dialect: Dialect,
-    after_id: int = 0,
-) -> Compiled:
-    """The claim statement as the given dialect would run it (for review and tests)."""
-    pick, stamp = claim_statement(tables, kind, limit, lease_seconds, "0" * 32, after_id)
-    q = tables.queue
-    statement = stamp.where(q.c.id.in_(pick.scalar_subquery())).returning(q.c.id)
-    return statement.compile(dialect=dialect, compile_kwargs={"literal_binds": True})
 
 
 # --- sweep -------------------------------------------------------------------------------------
@@ -197,52 +281,50 @@ def _gave_up(q: Table, why: str) -> ColumnElement[str]:
     )
 
 
-def sweep_statements(
+def sweep_changes(
     tables: QueueTables, max_attempts: int, max_age_seconds: float = 0
-) -> tuple[Update, ...]:
+) -> tuple[Change, ...]:
     """Leases that expired (a worker died or lost its message): the row is due again, or failed
     once its attempts are spent (attempts count at claim, so a row that kills its worker ends).
-    With a maximum age, pending rows first tried longer ago than that fail too: a re-send after
-    Amplitude's 7-day dedup window could count twice."""
+    Pending rows of a kind ampsync does not know fail. With a maximum age, pending rows first
+    tried longer ago than that fail too: a re-send after Amplitude's 7-day dedup window could
+    count twice. Each is applied in chunks (tasks/db/chunks.py)."""
     q = tables.queue
-    expired = and_(q.c.status == IN_FLIGHT, q.c.locked_until < utcnow())
-    give_up = (
-        update(q)
-        .where(expired, q.c.attempts >= max_attempts)
-        .values(
+    expired = (q.c.status == IN_FLIGHT, q.c.locked_until < utcnow())
+    give_up = Change(
+        q,
+        (*expired, q.c.attempts >= max_attempts),
+        dict(
             status=FAILED,
             claim_token=None,
             locked_until=None,
             last_error=_gave_up(
                 q, f"{max_attempts} attempts: lease expired (the worker died or stopped mid-batch)"
             ),
-        )
+        ),
     )
-    release = (
-        update(q)
-        .where(expired, q.c.attempts < max_attempts)
-        .values(status=PENDING, claim_token=None, locked_until=None)
+    release = Change(
+        q,
+        (*expired, q.c.attempts < max_attempts),
+        dict(status=PENDING, claim_token=None, locked_until=None),
     )
     # No claim ever selects a kind it does not know: such a row would stay pending forever.
-    unknown_kind = (
-        update(q)
-        .where(q.c.status == PENDING, _unknown_kind(q))
-        .values(
+    unknown_kind = Change(
+        q,
+        (q.c.status == PENDING, _unknown_kind(q)),
+        dict(
             status=FAILED,
             last_error=literal_column(f"'{INVALID} kind '''")
             + q.c.kind
             + literal_column(f"''' is not one of {', '.join(KINDS)}'"),
-        )
+        ),
     )
     if not max_age_seconds:
         return give_up, release, unknown_kind
-    too_old = (
-        update(q)
-        .where(
-            q.c.status == PENDING,
-            q.c.first_attempt_at < utcnow_plus(literal_column(str(-float(max_age_seconds)))),
-        )
-        .values(
+    too_old = Change(
+        q,
+        (q.c.status == PENDING, q.c.first_attempt_at < utcnow_plus(-float(max_age_seconds))),
+        dict(
             status=FAILED,
             next_attempt_at=None,
             last_error=_gave_up(
@@ -251,9 +333,23 @@ def sweep_statements(
                 f"AMPSYNC_MAX_AGE_SECONDS ({max_age_seconds:g} s) since its "
                 "first attempt",
             ),
-        )
+        ),
     )
     return give_up, release, unknown_kind, too_old
+
+
+def sweep_statements(
+    tables: QueueTables,
+    max_attempts: int,
+    dialect: Dialect,
+    max_age_seconds: float = 0,
+    chunk: int = CHUNK,
+) -> list[Statement]:
+    """One chunk's statement of each of the sweep's changes, as `dialect` runs it."""
+    return [
+        change.statement(dialect, chunk, low_priority=True)
+        for change in sweep_changes(tables, max_attempts, max_age_seconds)
+    ]
 
 
 def _unknown_kind(q: Table) -> ColumnElement[bool]:
@@ -273,35 +369,49 @@ def sweep(
     max_attempts: int,
     max_age_seconds: float = 0,
     thorough: bool = True,
+    chunk: int = CHUNK,
 ) -> tuple[int, int]:
     """Run the sweep; returns (rows failed, rows released). Expired leases are released on every
     call; the unsendable-row statements (unknown kind, too old) run only when `thorough`, on
-    beat's and manual syncs, not on every follow-up of a drain (bench/README.md, finding 4)."""
-    give_up, release, *unsendable = sweep_statements(tables, max_attempts, max_age_seconds)
-    with conn.begin():
-        failed = conn.execute(give_up).rowcount
-        released = conn.execute(release).rowcount
+    beat's and manual syncs, not on every follow-up of a drain (bench/README.md, finding 4).
+    Each statement changes at most `chunk` rows and commits; on SQL Server at low deadlock
+    priority and with a lock timeout, so claims and acknowledgements win."""
+    give_up, release, *unsendable = sweep_changes(tables, max_attempts, max_age_seconds)
+    with chunks.low_priority(conn):
+        failed = chunks.run(conn, give_up, chunk, low_priority=True)
+        released = chunks.run(conn, release, chunk, low_priority=True)
         if thorough:
-            failed += sum(conn.execute(statement).rowcount for statement in unsendable)
+            for change in unsendable:
+                failed += chunks.run(conn, change, chunk, low_priority=True)
     return failed, released
 
 
 # --- send side: renew, load, acknowledge -------------------------------------------------------
 
 
+def _mine(q: Table, token: str) -> ColumnElement[bool]:
+    """The rows of one claim still in flight. The token is written as a plain '…' literal
+    (sql.token): a bind parameter would reach SQL Server as N'…' and scan the index."""
+    return and_(q.c.claim_token == token_literal(token), q.c.status == IN_FLIGHT)
+
+
 def renew_statement(tables: QueueTables, token: str, lease_seconds: float) -> Update:
     q = tables.queue
-    return (
-        update(q)
-        .where(q.c.claim_token == token, q.c.status == IN_FLIGHT)
-        .values(locked_until=utcnow_plus(literal_column(str(float(lease_seconds)))))
-    )
+    return update(q).where(_mine(q, token)).values(locked_until=utcnow_plus(lease_seconds))
 
 
 def renew(conn: Connection, tables: QueueTables, token: str, lease_seconds: float) -> int:
-    """Extend the lease of this claim's rows; 0 means the claim is no longer ours."""
-    with conn.begin():
-        return conn.execute(renew_statement(tables, token, lease_seconds)).rowcount
+    """Extend the lease of this claim's rows; 0 means the claim is no longer ours (a count the
+    caller only reports: on SQL Server with NOCOUNT on it is -1)."""
+    statement = renew_statement(tables, token, lease_seconds)
+    return retry.transaction(conn, lambda c: int(c.execute(statement).rowcount))
+
+
+def renew_and_load_statement(tables: QueueTables, token: str, send_seconds: float) -> Select[Any]:
+    """The claim's rows, each with whether its lease is shorter than `send_seconds`."""
+    q = tables.queue
+    short = (q.c.locked_until < utcnow_plus(send_seconds)).label("short")
+    return load_statement(tables, token).add_columns(short)
 
 
 def renew_and_load(
@@ -310,44 +420,84 @@ def renew_and_load(
     """The claim's rows in id order, their lease renewed; [] when the claim is no longer ours.
 
     The lease is written only when what is left would not cover a send of the longest allowed
-    time, `send_seconds` (the message waited in the broker): every UPDATE writes a new version of each row and
-    its index entries, and a renewal nobody needs was a third of the database's writes per row.
+    time, `send_seconds` (the message waited in the broker): every UPDATE writes a new version
+    of each row and its index entries, and a renewal nobody needs was a third of the
+    database's writes per row.
     """
-    q = tables.queue
-    left: ColumnClause[float] = literal_column(str(float(send_seconds)))
-    short = (q.c.locked_until < utcnow_plus(left)).label("short")
-    with conn.begin():
-        rows = conn.execute(load_statement(tables, token).add_columns(short)).all()
+    statement = renew_and_load_statement(tables, token, send_seconds)
+    rows = retry.transaction(conn, lambda c: c.execute(statement).all())
     if rows and rows[0].short:  # one claim, one statement: every row has the same lease
         renew(conn, tables, token, lease_seconds)
     return rows
+
+
+def count_rerun_statements(tables: QueueTables, token: str, max_attempts: int) -> list[Update]:
+    """Fail the claim's rows whose attempts are spent; count one more attempt for the rest."""
+    q = tables.queue
+    mine = _mine(q, token)
+    return [
+        update(q)
+        .where(mine, q.c.attempts >= max_attempts)
+        .values(
+            status=FAILED,
+            claim_token=None,
+            locked_until=None,
+            last_error=_gave_up(
+                q,
+                f"{max_attempts} attempts: the worker sending the "
+                "batch died (killed, out of memory or crashed); see the "
+                "worker log",
+            ),
+        ),
+        update(q).where(mine).values(attempts=q.c.attempts + 1),
+    ]
 
 
 def count_rerun(conn: Connection, tables: QueueTables, token: str, max_attempts: int) -> int:
     """A send task run again because its worker died mid-send (Celery redelivers its message):
     the lost run was an attempt. Without this a batch that kills its worker every time would
     run forever, renewing its own lease. Rows whose attempts are spent fail; the others count
-    one more attempt. Returns the number of rows failed."""
+    one more attempt. Returns the number of rows failed (reported only)."""
+    give_up, count = count_rerun_statements(tables, token, max_attempts)
+
+    def run(c: Connection) -> int:
+        failed = int(c.execute(give_up).rowcount)
+        c.execute(count)
+        return failed
+
+    return retry.transaction(conn, run)
+
+
+def defer_statements(
+    tables: QueueTables, kind: str, token: str, ids: Sequence[int] = ()
+) -> list[Statement]:
+    """The rows of the claim held back by an earlier unfinished row of their key in another
+    claim, then the UPDATE that gives the returned `ids` back (ids in chunks)."""
     q = tables.queue
-    mine = and_(q.c.claim_token == token, q.c.status == IN_FLIGHT)
-    with conn.begin():
-        failed = conn.execute(
-            update(q)
-            .where(mine, q.c.attempts >= max_attempts)
-            .values(
-                status=FAILED,
-                claim_token=None,
-                locked_until=None,
-                last_error=_gave_up(
-                    q,
-                    f"{max_attempts} attempts: the worker sending the "
-                    "batch died (killed, out of memory or crashed); see the "
-                    "worker log",
+    mine = q.alias("mine")
+    blocked = select(mine.c.id).where(
+        mine.c.claim_token == token_literal(token),
+        _earlier_of_same_key(
+            q,
+            kind,
+            mine,
+            lambda earlier: (
+                earlier.c.status.in_([PENDING, IN_FLIGHT]),
+                or_(
+                    earlier.c.claim_token.is_(None),
+                    earlier.c.claim_token != token_literal(token),
                 ),
-            )
-        ).rowcount
-        conn.execute(update(q).where(mine).values(attempts=q.c.attempts + 1))
-    return failed
+            ),
+        ),
+    )
+    statements: list[Statement] = [blocked]
+    for chunk in _chunks(list(ids)):
+        statements.append(
+            update(q)
+            .where(q.c.claim_token == token_literal(token), q.c.id.in_(chunk))
+            .values(status=PENDING, claim_token=None, locked_until=None, attempts=q.c.attempts - 1)
+        )
+    return statements
 
 
 def defer_out_of_order(conn: Connection, tables: QueueTables, kind: str, token: str) -> set[int]:
@@ -355,45 +505,24 @@ def defer_out_of_order(conn: Connection, tables: QueueTables, kind: str, token: 
     raced past each other); they keep their attempt and go out after that row."""
     if kind not in ORDERED_KINDS:
         return set()
-    q = tables.queue
-    mine = q.alias("mine")
-    blocked = select(mine.c.id).where(
-        mine.c.claim_token == token,
-        _earlier_of_same_key(
-            q,
-            kind,
-            mine,
-            lambda earlier: (
-                earlier.c.status.in_([PENDING, IN_FLIGHT]),
-                or_(earlier.c.claim_token.is_(None), earlier.c.claim_token != token),
-            ),
-        ),
-    )
-    with conn.begin():
-        ids = list(conn.execute(blocked).scalars())
-        for chunk in _chunks(ids):
-            conn.execute(
-                update(q)
-                .where(q.c.claim_token == token, q.c.id.in_(chunk))
-                .values(
-                    status=PENDING, claim_token=None, locked_until=None, attempts=q.c.attempts - 1
-                )
-            )
-    return set(ids)
+
+    def run(c: Connection) -> list[int]:
+        ids = list(c.execute(_core(defer_statements(tables, kind, token)[0])).scalars())
+        for statement in defer_statements(tables, kind, token, ids)[1:]:
+            c.execute(_core(statement))
+        return ids
+
+    return set(retry.transaction(conn, run))
 
 
 def load_statement(tables: QueueTables, token: str) -> Select[Any]:
     q = tables.queue
-    return (
-        select(*(q.c[name] for name in ROW_COLUMNS))
-        .where(q.c.claim_token == token, q.c.status == IN_FLIGHT)
-        .order_by(q.c.id)
-    )
+    return select(*(q.c[name] for name in ROW_COLUMNS)).where(_mine(q, token)).order_by(q.c.id)
 
 
 def load(conn: Connection, tables: QueueTables, token: str) -> Sequence[Row[Any]]:
-    with conn.begin():
-        return conn.execute(load_statement(tables, token)).all()
+    statement = load_statement(tables, token)
+    return retry.transaction(conn, lambda c: c.execute(statement).all())
 
 
 @dataclass
@@ -410,9 +539,10 @@ class Acknowledgement:
 
 def ack_statements(tables: QueueTables, token: str, ack: Acknowledgement) -> list[Update]:
     """One UPDATE per outcome (ids in chunks), never one per row. Every statement is bounded
-    by the claim token, so a late or duplicated send task cannot overwrite a newer claim."""
+    by the claim token, so a late or duplicated send task cannot overwrite a newer claim, and
+    a claim has at most one batch of rows (AMPSYNC_BATCH_SIZE, at most 2,000)."""
     q = tables.queue
-    mine = and_(q.c.claim_token == token, q.c.status == IN_FLIGHT)
+    mine = _mine(q, token)
     if ack.all_sent:  # the common case: one statement by claim token, no id list
         return [
             update(q)
@@ -440,7 +570,10 @@ def ack_statements(tables: QueueTables, token: str, ack: Acknowledgement) -> lis
         for chunk in _chunks(ack.sent)
     ]
     for chunk in _chunks(sorted(ack.failed)):
-        reasons = case({i: ack.failed[i][:2000] for i in chunk}, value=q.c.id)
+        # each id as BIGINT (db/sql.py, `bigint`): a bare id above 2^31 is DECIMAL to SQL Server
+        reasons = case(
+            *((bigint(literal(i, BigInteger)), ack.failed[i][:2000]) for i in chunk), value=q.c.id
+        )
         statements.append(
             update(q)
             .where(mine, q.c.id.in_(chunk))
@@ -454,7 +587,7 @@ def ack_statements(tables: QueueTables, token: str, ack: Acknowledgement) -> lis
                 status=PENDING,
                 claim_token=None,
                 locked_until=None,
-                next_attempt_at=utcnow_plus(literal_column(repr(float(delay)))),
+                next_attempt_at=utcnow_plus(delay),
                 attempts=q.c.attempts - 1 if refund else q.c.attempts,
                 last_error=reason[:2000],
             )
@@ -470,13 +603,30 @@ def acknowledge(
     ack: Acknowledgement,
     history: dict[str, Any] | None = None,
 ) -> int:
-    """Write the outcome of a claim, and its run-history row, in one transaction; returns the
-    number of rows changed."""
-    with conn.begin():
-        changed = sum(conn.execute(st).rowcount for st in ack_statements(tables, token, ack))
+    """Write the outcome of a claim, and its run-history row, in one transaction (run again
+    whole after a deadlock); returns the number of rows changed (reported only)."""
+    statements = ack_statements(tables, token, ack)
+
+    def run(c: Connection) -> int:
+        changed = sum(int(c.execute(st).rowcount) for st in statements)
         if history is not None:
-            conn.execute(tables.runs.insert().values(**history))
+            c.execute(tables.runs.insert().values(**history).inline())
         return changed
+
+    return retry.transaction(conn, run)
+
+
+def prune_changes(tables: QueueTables, sent_days: float, history_days: float) -> list[Change]:
+    """`sent` rows and run history older than the given days (0 days = keep: no change)."""
+    q, runs = tables.queue, tables.runs
+    changes = []
+    if sent_days:
+        changes.append(
+            Change(q, (q.c.status == SENT, q.c.sent_at < utcnow_plus(-sent_days * 86400)))
+        )
+    if history_days:
+        changes.append(Change(runs, (runs.c.finished_at < utcnow_plus(-history_days * 86400),)))
+    return changes
 
 
 def prune(
@@ -484,55 +634,36 @@ def prune(
     tables: QueueTables,
     sent_days: float,
     history_days: float,
-    chunk: int = _IDS_PER_STATEMENT,
+    chunk: int = CHUNK,
 ) -> tuple[int, int]:
     """Delete `sent` rows and run history older than the given days, a chunk at a time so
     no statement holds many locks (SQL Server escalates past ~5000). 0 days = keep."""
-    q, runs = tables.queue, tables.runs
-    deleted = [0, 0]
-    targets: tuple[tuple[Table, Callable[[], ColumnElement[bool]], float], ...] = (
-        (
-            q,
-            lambda: and_(q.c.status == SENT, q.c.sent_at < utcnow_plus(-sent_days * 86400)),
-            sent_days,
-        ),
-        (runs, lambda: runs.c.finished_at < utcnow_plus(-history_days * 86400), history_days),
-    )
-    for n, (table, where, days) in enumerate(targets):
-        if not days:
-            continue
-        while True:
-            ids = select(table.c.id).where(where()).order_by(table.c.id).limit(chunk)
-            with conn.begin():
-                batch = list(conn.execute(ids).scalars())
-                if batch:
-                    conn.execute(table.delete().where(table.c.id.in_(batch)))
-            deleted[n] += len(batch)
-            if len(batch) < chunk:
-                break
-    return deleted[0], deleted[1]
+    deleted = {tables.queue.name: 0, tables.runs.name: 0}
+    with chunks.low_priority(conn):
+        for change in prune_changes(tables, sent_days, history_days):
+            deleted[change.table.name] = chunks.run(conn, change, chunk, low_priority=True)
+    return deleted[tables.queue.name], deleted[tables.runs.name]
 
 
 def insert_rows(conn: Connection, tables: QueueTables, rows: Sequence[dict[str, Any]]) -> None:
     """Insert rows that may name different columns (as a user's SQL would write them)."""
     columns = sorted({key for row in rows for key in row})
-    conn.execute(tables.queue.insert(), [{c: row.get(c) for c in columns} for row in rows])
+    conn.execute(tables.queue.insert().inline(), [{c: row.get(c) for c in columns} for row in rows])
 
 
 # --- operator statements -----------------------------------------------------------------------
 
 
-def retry_failed(
-    conn: Connection,
+def retry_failed_changes(
     tables: QueueTables,
     kind: str | None = None,
     ids: Sequence[int] | None = None,
     failure_class: str | None = "gave-up",
     since: datetime | None = None,
     until: datetime | None = None,
-) -> int:
-    """Put the selected failed rows back to pending as new: attempts and the first-attempt
-    clock (AMPSYNC_MAX_AGE_SECONDS) start again. Returns the number of rows."""
+) -> list[Change]:
+    """The failed rows `retry-failed` selects, back to pending as new (one change per chunk of
+    `ids` when given)."""
     q = tables.queue
     where = _failed_where(q, kind, failure_class, since, until)
     values = dict(
@@ -543,11 +674,39 @@ def retry_failed(
         locked_until=None,
         first_attempt_at=None,
     )
-    with conn.begin():
-        return sum(
-            conn.execute(update(q).where(*where, *chunk).values(**values)).rowcount
-            for chunk in _id_filters(q, ids)
-        )
+    return [Change(q, (*where, *chunk), values) for chunk in _id_filters(q, ids)]
+
+
+def retry_failed(
+    conn: Connection,
+    tables: QueueTables,
+    kind: str | None = None,
+    ids: Sequence[int] | None = None,
+    failure_class: str | None = "gave-up",
+    since: datetime | None = None,
+    until: datetime | None = None,
+    chunk: int = CHUNK,
+) -> int:
+    """Put the selected failed rows back to pending as new: attempts and the first-attempt
+    clock (AMPSYNC_MAX_AGE_SECONDS) start again, `chunk` rows a statement, each committed.
+    Returns the number of rows."""
+    changes = retry_failed_changes(tables, kind, ids, failure_class, since, until)
+    return sum(chunks.run(conn, change, chunk) for change in changes)
+
+
+def failed_first_tried_before_statements(
+    tables: QueueTables,
+    seconds: float,
+    kind: str | None = None,
+    ids: Sequence[int] | None = None,
+    failure_class: str | None = "gave-up",
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> list[Select[Any]]:
+    q = tables.queue
+    where = _failed_where(q, kind, failure_class, since, until)
+    old = q.c.first_attempt_at < utcnow_plus(-float(seconds))
+    return [select(func.count()).where(*where, old, *chunk) for chunk in _id_filters(q, ids)]
 
 
 def failed_first_tried_before(
@@ -562,14 +721,12 @@ def failed_first_tried_before(
 ) -> int:
     """How many of the failed rows `retry_failed` would select were first tried over `seconds`
     ago (the caller passes Amplitude's dedup window)."""
-    q = tables.queue
-    where = _failed_where(q, kind, failure_class, since, until)
-    old = q.c.first_attempt_at < utcnow_plus(literal_column(str(-float(seconds))))
-    with conn.begin():
-        return sum(
-            conn.execute(select(func.count()).where(*where, old, *chunk)).scalar_one()
-            for chunk in _id_filters(q, ids)
-        )
+    statements = failed_first_tried_before_statements(
+        tables, seconds, kind, ids, failure_class, since, until
+    )
+    return retry.transaction(
+        conn, lambda c: sum(int(c.execute(st).scalar_one()) for st in statements)
+    )
 
 
 def _failed_where(
@@ -598,21 +755,28 @@ def _id_filters(q: Table, ids: Sequence[int] | None) -> list[list[ColumnElement[
     return [[q.c.id.in_(chunk)] for chunk in _chunks(list(ids))]
 
 
-def has_due_rows(conn: Connection, tables: QueueTables, kind: str) -> bool:
+def has_due_rows_statement(tables: QueueTables, kind: str) -> Select[Any]:
     q = tables.queue
-    with conn.begin():
-        return (
-            conn.execute(
-                select(q.c.id)
-                .where(
-                    q.c.kind == lit(kind),
-                    q.c.status == PENDING,
-                    or_(q.c.next_attempt_at.is_(None), q.c.next_attempt_at <= utcnow()),
-                )
-                .limit(1)
-            ).first()
-            is not None
+    return (
+        select(q.c.id)
+        .where(
+            q.c.kind == lit(kind),
+            q.c.status == PENDING,
+            or_(q.c.next_attempt_at.is_(None), q.c.next_attempt_at <= utcnow()),
         )
+        .limit(1)
+    )
+
+
+def has_due_rows(conn: Connection, tables: QueueTables, kind: str) -> bool:
+    statement = has_due_rows_statement(tables, kind)
+    return retry.transaction(conn, lambda c: c.execute(statement).first() is not None)
+
+
+def _core(statement: Statement) -> Executable:
+    """A statement known to be SQLAlchemy's (not a T-SQL batch)."""
+    assert not isinstance(statement, DriverSQL)
+    return statement
 
 
 def _chunks(ids: list[int], size: int = _IDS_PER_STATEMENT) -> Iterable[list[int]]:

@@ -9,8 +9,9 @@ from typing import Any
 
 from sqlalchemy import Connection, func, select
 
+from ..outcomes import Kind
 from .schema import QueueTables
-from .sql import FAILED, PENDING, lit, utcnow
+from .sql import FAILED, PENDING, SENT, lit, utcnow, utcnow_plus
 
 
 def row_counts(
@@ -83,6 +84,31 @@ def failures(
             .limit(recent)
         ).all()
     return {"common": [tuple(r) for r in errors], "recent": [tuple(r) for r in latest]}
+
+
+def busy_users(
+    conn: Connection, tables: QueueTables, at_least: int, limit: int = 10
+) -> list[tuple[str, int]]:
+    """Users with at least `at_least` identify rows sent in the last hour, busiest first:
+    Amplitude drops updates past 1,800 an hour (docs/amplitude.md). Reads the last hour's
+    sent rows without an index on `sent_at`: a status query, not a worker's."""
+    q = tables.queue
+    n = func.count().label("n")
+    statement = (
+        select(q.c.user_id, n)
+        .where(
+            q.c.kind == lit(Kind.IDENTIFY),
+            q.c.status == SENT,
+            q.c.user_id.is_not(None),
+            q.c.sent_at > utcnow_plus(-3600),
+        )
+        .group_by(q.c.user_id)
+        .having(func.count() >= at_least)
+        .order_by(n.desc())
+        .limit(limit)
+    )
+    with conn.begin():
+        return [(user, int(count)) for user, count in conn.execute(statement)]
 
 
 def failed_rows(conn: Connection, tables: QueueTables) -> list[tuple[int, str]]:

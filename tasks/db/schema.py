@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
-    BigInteger,
     Column,
     DateTime,
     Index,
@@ -26,13 +25,23 @@ from sqlalchemy import (
 from sqlalchemy.dialects import mssql, mysql
 from sqlalchemy.sql.expression import ColumnElement
 
-from .sql import IN_FLIGHT, PENDING, SENT, lit, utcnow
+from .sql import IN_FLIGHT, PENDING, SENT, Id, lit, utcnow
 
-_ID = BigInteger().with_variant(Integer, "sqlite")  # SQLite autoincrements only INTEGER keys
+# BIGINT (INTEGER on SQLite, which autoincrements only INTEGER keys); values compared with it
+# are written CAST(… AS BIGINT) on SQL Server (db/sql.py, `Id`).
+_ID = Id()
 TIME = (
     DateTime()
     .with_variant(mssql.DATETIME2(), "mssql")
     .with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+)
+# A feed's entity (a user id, a device, a group value): case matters (db/feeds.py).
+ENTITY = (
+    Unicode(300)
+    .with_variant(mssql.NVARCHAR(300, collation="Latin1_General_BIN2"), "mssql")
+    .with_variant(
+        mysql.VARCHAR(300, charset="utf8mb4", collation="utf8mb4_bin"), "mysql", "mariadb"
+    )
 )
 # NVARCHAR(MAX) on SQL Server (UnicodeText would give the deprecated NTEXT).
 JSON_TEXT = (
@@ -122,17 +131,20 @@ def define_tables(table_name: str) -> QueueTables:
     # one back. The key leads: PostgreSQL leaves a column its partial predicate fixes out of
     # the index condition, so a leading `kind` turned each lookup into a scan of the whole
     # index (commit 77e34d0).
+    # On SQL Server these hold every row of the key (no filtered indexes there): they INCLUDE
+    # what the per-key probe reads, so it never looks the rows up (docs/sqlserver.md).
     unfinished = q.c.status.in_([PENDING, IN_FLIGHT])
+    probe: dict[str, Any] = {"mssql_include": ["status", "next_attempt_at"]}
     _partial(
-        Index(f"ix_{name}_user", q.c.user_id, q.c.kind, q.c.id),
+        Index(f"ix_{name}_user", q.c.user_id, q.c.kind, q.c.id, **probe),
         and_(q.c.kind == lit("identify"), unfinished),
     )
     _partial(
-        Index(f"ix_{name}_device", q.c.device_id, q.c.kind, q.c.id),
+        Index(f"ix_{name}_device", q.c.device_id, q.c.kind, q.c.id, **probe),
         and_(q.c.kind == lit("identify"), q.c.user_id.is_(None), unfinished),
     )
     _partial(
-        Index(f"ix_{name}_group", q.c.group_type, q.c.group_value, q.c.kind, q.c.id),
+        Index(f"ix_{name}_group", q.c.group_type, q.c.group_value, q.c.kind, q.c.id, **probe),
         and_(q.c.kind == lit("group_identify"), unfinished),
     )
 
@@ -191,8 +203,9 @@ def _define_feed_tables(md: MetaData, queue_name: str) -> tuple[Table, Table]:
         md,
         Column("feed", Unicode(100), primary_key=True),
         # user id, "@device:" + device id, or group value; 300 keeps the key within SQL
-        # Server's 900-byte index limit
-        Column("entity", Unicode(300), primary_key=True),
+        # Server's 900-byte index limit. Compared in a binary collation: Amplitude tells
+        # "Alice" from "alice", a case-insensitive default collation would not.
+        Column("entity", ENTITY, primary_key=True),
         Column("accepted", JSON_TEXT),  # properties Amplitude accepted: {name: value|null}
         Column("pending", JSON_TEXT),  # enqueued, not yet confirmed: {queue id: {name: value}}
         Column("updated_at", TIME, nullable=False, server_default=utcnow()),

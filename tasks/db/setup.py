@@ -4,10 +4,11 @@ anything missing in one line."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
-from sqlalchemy import Column, Connection, Engine, Index, Table, inspect
+from sqlalchemy import Column, Connection, Engine, Index, Table, func, inspect, literal, select
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.compiler import compiles
@@ -81,10 +82,67 @@ def compile_ddl(statements: Iterable[DDLElement], dialect: Dialect) -> str:
     return body + (sep if body else "")
 
 
-def init_db(engine: Engine, tables: QueueTables) -> list[str]:
-    """Create whatever is missing; return the statements run."""
+# Building an index on a table with more rows than this is worth a warning: it takes a while
+# and, without ONLINE = ON (Enterprise edition), blocks the table's writers meanwhile.
+LARGE_TABLE_ROWS = 100_000
+
+
+def applock_sql(tables: QueueTables, timeout_ms: int = 120_000) -> str:
+    """SQL Server: an exclusive application lock on the queue's name, held until the DDL's
+    transaction ends, so that two `init-db` starting at once do not both create (the second
+    would fail, error 2714); the second waits, then finds everything there."""
+    name = tables.queue.fullname  # letters, digits, _ and one dot (settings.py)
+    return (
+        "DECLARE @lock INT;\n"
+        f"EXEC @lock = sp_getapplock @Resource = N'ampsync init-db {name}', "
+        f"@LockMode = 'Exclusive', @LockOwner = 'Transaction', @LockTimeout = {int(timeout_ms)};\n"
+        "IF @lock < 0 THROW 50000, "
+        f"'ampsync init-db: another init-db of {name} held its lock too long', 1"
+    )
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def large_table_warnings(
+    conn: Connection, tables: QueueTables, ddl: list[DDLElement], rows: int = LARGE_TABLE_ROWS
+) -> list[str]:
+    """One line per existing table that is to get indexes while it holds over `rows` rows."""
+    created = {s.element for s in ddl if isinstance(s, CreateTable)}
+    by_table: dict[Table, list[str]] = {}
+    for statement in ddl:
+        if isinstance(statement, CreateIndex):
+            index = statement.element
+            if index.table is not None and index.table not in created:
+                by_table.setdefault(index.table, []).append(cast(str, index.name))
+    lines = []
+    for table, names in by_table.items():
+        sample = select(literal(1).label("x")).select_from(table).limit(rows + 1).subquery()
+        if conn.execute(select(func.count()).select_from(sample)).scalar_one() > rows:
+            lines.append(
+                f"ampsync init-db: building {', '.join(names)} on {table.fullname}, which has "
+                f"over {rows:,} rows: this takes a while and blocks writers to the table; to "
+                "choose the time, `ampsync init-db --print-sql` prints the DDL to apply by hand"
+            )
+    return lines
+
+
+def init_db(
+    engine: Engine,
+    tables: QueueTables,
+    warn: Callable[[str], None] = _stderr,
+    large_rows: int = LARGE_TABLE_ROWS,
+) -> list[str]:
+    """Create whatever is missing; return the statements run. On SQL Server under an
+    application lock (`applock_sql`); a warning (stderr) before indexes are built on a
+    large existing table."""
     with engine.begin() as conn:
+        if conn.dialect.name == "mssql":
+            conn.exec_driver_sql(applock_sql(tables))
         ddl = missing_ddl(conn, tables)
+        for line in large_table_warnings(conn, tables, ddl, large_rows):
+            warn(line)
         for statement in ddl:
             conn.execute(statement)
     return [str(s.compile(dialect=engine.dialect)).strip() for s in ddl]

@@ -21,7 +21,7 @@ from ..settings import Settings
 from . import policy
 from .results import SendResult, SyncResult
 from .send import run_send
-from .shared import ClaimFloors, RateLimiter
+from .shared import ClaimFloors, RateLimiter, ThrottledIds
 from .sync import run_sync
 
 
@@ -51,11 +51,15 @@ class Pipeline:
         return ClaimFloors(self.redis, self.settings.queue_table)
 
     @cached_property
+    def throttled(self) -> ThrottledIds:
+        return ThrottledIds(self.redis)
+
+    @cached_property
     def rate(self) -> RateLimiter:
         return RateLimiter(self.redis, self.settings.events_per_second)
 
     def endpoint(self, kind: str) -> str:
-        return policy.endpoint_for(kind, self.settings.event_api, self.settings.identify_api)
+        return policy.endpoint_for(kind, self.settings)
 
     def rows_per_request(self, endpoint: str) -> int:
         s = self.settings

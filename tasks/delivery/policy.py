@@ -12,13 +12,13 @@ from ..outcomes import Kind
 from ..settings import Settings
 
 
-def endpoint_for(kind: str, event_api: str, identify_api: str) -> str:
+def endpoint_for(kind: str, settings: Settings) -> str:
     """The endpoint a kind's rows go through, as the settings choose."""
     if kind == Kind.EVENT:
-        return event_api
+        return settings.event_api
     if kind == Kind.IDENTIFY:
-        return identify_api
-    return Endpoint.GROUP_IDENTIFY.value
+        return settings.identify_api
+    return settings.group_identify_api
 
 
 def rows_per_request(endpoint: str, batch_size: int | None, events_per_second: int = 0) -> int:

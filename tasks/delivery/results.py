@@ -18,6 +18,8 @@ class SendResult:
     deferred: int = 0
     truncated: int = 0
     requests: int = 0
+    # Events Amplitude accepted but did not count in `events_ingested` (logged: docs/amplitude.md).
+    not_ingested: int = 0
     answers: dict[str, int] = field(default_factory=dict)
     stale: bool = False
     paused: str | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -17,7 +18,7 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 
 from ..amplitude import payloads
-from ..amplitude.answers import Reading, Verdict, read
+from ..amplitude.answers import Reading, Verdict, not_ingested, read
 from ..amplitude.payloads import Prepared
 from ..db import endpoints, history, queue, reports
 from ..db.queue import Acknowledgement
@@ -69,7 +70,7 @@ def run_send(
             result.paused = state.reason
             retry(
                 ack,
-                [i.row_id for i in prepared.items],
+                _ids(prepared.items),
                 max(1.0, state.pause_left_seconds),
                 refund=True,
                 reason=f"{RETRYING} {endpoint} paused: {state.reason}",
@@ -135,6 +136,11 @@ def retry(ack: Acknowledgement, ids: list[int], delay: float, refund: bool, reas
         ack.retry.setdefault((round(delay, 3), refund, reason), []).extend(ids)
 
 
+def _ids(items: list[Prepared]) -> list[int]:
+    """The row ids of items: an item may carry several merged rows."""
+    return [row_id for item in items for row_id in item.ids()]
+
+
 def keys(item: Prepared) -> set[str]:
     """The user and device a row speaks for: a 429 for one holds back its later rows."""
     return {k for k in (item.user_id, item.device_id) if k}
@@ -151,18 +157,36 @@ def deliver(
 ) -> None:
     """Send the items in requests, in order; the endpoint's shared failure tally is kept here,
     what each answer means for the rows is `Delivery.apply`'s."""
-    delivery = Delivery(p.settings, endpoint, ack, rows, result)
+    s = p.settings
+    delivery = Delivery(s, endpoint, ack, rows, result)
     delivery.plan(items)
+    if p.throttled.active(endpoint):  # other batches' 429s: hold those users' rows too
+        delivery.waiting_keys = p.throttled.which(endpoint, {k for i in items for k in keys(i)})
     while (request := delivery.next_request()) is not None:
         p.rate.wait_for(len(request))
         answer = p.client.send(endpoint, request)
-        reading = read(answer, request, endpoint)
+        reading = delivery.judge(read(answer, request, endpoint))
         pause = 0.0
         if reading.verdict is Verdict.SENT:
             _record_success(p, conn, endpoint)
-        elif reading.verdict in (Verdict.TRANSIENT, Verdict.PAUSE):
+            short = not_ingested(answer, request, endpoint)
+            if short:
+                result.not_ingested += short
+                log.warning(
+                    "%s accepted %d events but reports %d fewer ingested (batch %s)",
+                    endpoint,
+                    len(request),
+                    short,
+                    result.token,
+                )
+        elif reading.verdict in (Verdict.TRANSIENT, Verdict.PAUSE) or (
+            reading.verdict is Verdict.BLOCKED and len(request) == 1 and delivery.current is None
+        ):
             pause = _record_failure(p, conn, endpoint, reading)
         delivery.apply(answer.status, reading, request, pause)
+    delivery.finish()
+    p.throttled.remember(endpoint, delivery.throttled_keys, policy.throttle_wait(endpoint, s))
+    p.throttled.remember(endpoint, delivery.quota_keys, s.daily_quota_wait_seconds)
 
 
 def _record_failure(p: Pipeline, conn: Connection, endpoint: str, reading: Reading) -> float:
@@ -209,6 +233,15 @@ class Delivery:
         self.ack, self.rows, self.result = ack, rows, result
         self.work: list[list[Prepared]] = []  # a stack: the next request is last
         self.waiting_keys: set[str] = set()  # users held back by a 429: their later rows wait
+        # The halves of a split request share a `Split`; `current` is the one of the request
+        # being answered (None for a request that is not a half).
+        self.splits: dict[int, Split] = {}
+        self.current: Split | None = None
+        # Single items refused while the twin of their half was unanswered: (split, ids, why).
+        self.held: list[tuple[Split, tuple[int, ...], str]] = []
+        # Ids Amplitude throttled in this batch, and those over their daily quota.
+        self.throttled_keys: set[str] = set()
+        self.quota_keys: set[str] = set()
 
     def plan(self, items: list[Prepared]) -> None:
         s = self.settings
@@ -218,10 +251,45 @@ class Delivery:
     def next_request(self) -> list[Prepared] | None:
         """The next request to send, without rows held back by a 429; None when done."""
         while self.work:
-            request = self.hold_back_throttled(self.work.pop())
+            popped = self.work.pop()
+            self.current = self.splits.pop(id(popped), None)
+            request = self.hold_back_throttled(popped)
             if request:
                 return request
+        self.current = None
         return None
+
+    def judge(self, reading: Reading) -> Reading:
+        """The halves of a request both refused the same way: the request, not a row, is
+        refused (a 400 about the request, a firewall blocking everything): pause, fail none."""
+        split = self.current
+        if (
+            split is not None
+            and reading.verdict in (Verdict.SPLIT, Verdict.BLOCKED)
+            and reading.reason == split.reason
+            and split.failed  # the first half was refused so, and is answered: this is its twin
+            and not split.accepted  # nothing under the first half was taken either
+        ):
+            return Reading(
+                Verdict.PAUSE,
+                f"{reading.reason} (both halves of the request were refused the same way: "
+                "the request is refused, not a row)",
+            )
+        return reading
+
+    def finish(self) -> None:
+        """Rows held while the twin of their half was unanswered (it was held back by a 429):
+        they retry, their attempt counted, and are isolated again next time."""
+        s = self.settings
+        for _split, ids, reason in self.held:
+            retry(
+                self.ack,
+                list(ids),
+                policy.backoff(1, s.backoff_base_seconds, s.backoff_max_seconds),
+                refund=False,
+                reason=f"{RETRYING} {reason}",
+            )
+        self.held.clear()
 
     def hold_back_throttled(self, request: list[Prepared]) -> list[Prepared]:
         if not self.waiting_keys:
@@ -230,7 +298,7 @@ class Delivery:
         if held:
             retry(
                 self.ack,
-                [i.row_id for i in held],
+                _ids(held),
                 policy.throttle_wait(self.endpoint, self.settings),
                 refund=True,
                 reason=f"{RETRYING} an earlier row of this user was throttled (429)",
@@ -244,17 +312,30 @@ class Delivery:
         answer = str(status or "no answer")
         self.result.answers[answer] = self.result.answers.get(answer, 0) + 1
         ack, verdict = self.ack, reading.verdict
+        split = self.current
+        if split is not None:
+            split.answered += 1
+            if verdict in (Verdict.SPLIT, Verdict.BLOCKED) and reading.reason == split.reason:
+                split.failed += 1  # refused as its parent was: the twin's answer decides
+            elif verdict not in (Verdict.PAUSE, Verdict.TRANSIENT):
+                self.decide(split)  # the twin went through: the held row is the refused one
+        if verdict in (Verdict.SENT, Verdict.REJECTED_ROWS) and split is not None:
+            split.mark_accepted()  # Amplitude took this request: refusals above were rows'
         if verdict is Verdict.SENT:
-            ack.sent.extend(i.row_id for i in request)
+            ack.sent.extend(_ids(request))
         elif verdict is Verdict.REJECTED_ROWS:
             for index, why in reading.rejected.items():
-                ack.failed[request[index].row_id] = f"{REJECTED} {why}"
+                for row_id in request[index].ids():
+                    ack.failed[row_id] = f"{REJECTED} {why}"
             rest = [i for n, i in enumerate(request) if n not in reading.rejected]
             if rest:
                 self.work.append(rest)
-        elif verdict is Verdict.SPLIT:
+        elif verdict in (Verdict.SPLIT, Verdict.BLOCKED):
+            self.split(reading, request, pause)
+        elif verdict is Verdict.TOO_LARGE:
             if len(request) == 1:
-                ack.failed[request[0].row_id] = f"{REJECTED} {reading.reason}"
+                for row_id in request[0].ids():
+                    ack.failed[row_id] = f"{REJECTED} {reading.reason}"
             else:
                 half = len(request) // 2
                 self.work.extend([request[half:], request[:half]])
@@ -263,22 +344,49 @@ class Delivery:
         else:
             self.failed(reading, request, pause)
 
+    def split(self, reading: Reading, request: list[Prepared], pause: float) -> None:
+        """Halve a refused request to find the row it is about; a single refused row fails,
+        once the twin of its half shows the refusal is not the whole request's."""
+        if len(request) > 1:
+            half = len(request) // 2
+            first, second = request[:half], request[half:]
+            self.splits[id(first)] = self.splits[id(second)] = Split(reading.reason, self.current)
+            self.work.extend([second, first])
+            return
+        ids, why = request[0].ids(), f"{REJECTED} {reading.reason}"
+        if self.current is not None and self.current.answered < 2:
+            self.held.append((self.current, ids, why))  # the twin has not answered yet
+        elif self.current is None and reading.verdict is Verdict.BLOCKED:
+            # A batch of one row: no twin can tell the firewall's row from a region block.
+            self.failed(reading, request, pause)
+        else:
+            for row_id in ids:
+                self.ack.failed[row_id] = why
+
+    def decide(self, split: Split) -> None:
+        for held in [h for h in self.held if h[0] is split]:
+            self.held.remove(held)
+            for row_id in held[1]:
+                self.ack.failed[row_id] = held[2]
+
     def throttled(self, reading: Reading, request: list[Prepared]) -> None:
         s = self.settings
         for index in sorted(reading.daily_quota):
             self.waiting_keys |= keys(request[index])
+            self.quota_keys |= keys(request[index])
             retry(
                 self.ack,
-                [request[index].row_id],
+                list(request[index].ids()),
                 s.daily_quota_wait_seconds,
                 refund=True,
                 reason=f"{RETRYING} user over Amplitude's daily quota; retrying hourly",
             )
         for index in sorted(reading.throttled):
             self.waiting_keys |= keys(request[index])
+            self.throttled_keys |= keys(request[index])
             retry(
                 self.ack,
-                [request[index].row_id],
+                list(request[index].ids()),
                 policy.throttle_wait(self.endpoint, s),
                 refund=True,
                 reason=f"{RETRYING} {reading.reason}",
@@ -294,37 +402,70 @@ class Delivery:
     def failed(self, reading: Reading, request: list[Prepared], pause: float) -> None:
         """TRANSIENT or PAUSE: this request and everything after it waits; nothing more of the
         batch is sent now."""
-        s = self.settings
-        never_sent = [i.row_id for chunk in self.work for i in chunk]
+        never_sent = [row_id for chunk in self.work for row_id in _ids(chunk)]
+        never_sent += [row_id for _split, ids, _why in self.held for row_id in ids]  # undecided
         self.work.clear()
+        self.held.clear()
         # The endpoint is unusable (PAUSE) or failing for everyone: do not spend attempts.
         if pause or reading.verdict is Verdict.PAUSE:
             retry(
                 self.ack,
-                [i.row_id for i in request] + never_sent,
+                _ids(request) + never_sent,
                 pause,
                 refund=True,
                 reason=f"{RETRYING} {self.endpoint} paused: {reading.reason}",
             )
             self.result.paused = reading.reason
             return
-        attempts = {r.id: r.attempts for r in self.rows}  # only here: not on every batch's hot path
-        for item in request:
-            n = attempts[item.row_id]
-            if n >= s.max_attempts:
-                self.ack.failed[item.row_id] = f"{GAVE_UP} {n} attempts: {reading.reason}"
-            else:
-                retry(
-                    self.ack,
-                    [item.row_id],
-                    policy.backoff(n, s.backoff_base_seconds, s.backoff_max_seconds),
-                    refund=False,
-                    reason=f"{RETRYING} attempt {n}: {reading.reason}",
-                )
+        self.transient(reading, request)
         retry(
             self.ack,
             never_sent,
-            policy.backoff(1, s.backoff_base_seconds, s.backoff_max_seconds),
+            policy.backoff(
+                1, self.settings.backoff_base_seconds, self.settings.backoff_max_seconds
+            ),
             refund=True,
             reason=f"{RETRYING} an earlier request of the batch failed: {reading.reason}",
         )
+
+    def transient(self, reading: Reading, request: list[Prepared]) -> None:
+        """The request's rows retry after a backoff, their attempt counted; those out of
+        attempts fail."""
+        s = self.settings
+        attempts = {r.id: r.attempts for r in self.rows}  # only here: not on every batch's hot path
+        # One jittered delay per attempt count, not per row: rows of a request come due together
+        # and rejoin a full batch instead of going out one or two per request.
+        delays: dict[int, float] = {}
+        for row_id in _ids(request):
+            n = attempts[row_id]
+            if n >= s.max_attempts:
+                self.ack.failed[row_id] = f"{GAVE_UP} {n} attempts: {reading.reason}"
+            else:
+                if n not in delays:
+                    delays[n] = policy.backoff(n, s.backoff_base_seconds, s.backoff_max_seconds)
+                retry(
+                    self.ack,
+                    [row_id],
+                    delays[n],
+                    refund=False,
+                    reason=f"{RETRYING} attempt {n}: {reading.reason}",
+                )
+
+
+@dataclass
+class Split:
+    """The two halves of a refused request: how many answered, how many were refused the same
+    way, and whether Amplitude took any request carved from them (then the refusal was about
+    rows, not the request)."""
+
+    reason: str
+    parent: Split | None = None
+    answered: int = 0
+    failed: int = 0
+    accepted: bool = False
+
+    def mark_accepted(self) -> None:
+        split: Split | None = self
+        while split is not None and not split.accepted:
+            split.accepted = True
+            split = split.parent

@@ -72,3 +72,47 @@ class RateLimiter:
         wait = float(reply)
         if wait > 0:
             time.sleep(wait)
+
+
+class ThrottledIds:
+    """Users and devices Amplitude throttled (429), remembered for its window across batches and
+    workers, so other batches hold those users' rows instead of collecting more 429s
+    (docs/amplitude.md, "Throttling"). A marker key per endpoint keeps the common case, nobody
+    throttled, at one GET per batch."""
+
+    _EXTEND = """
+    if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
+        redis.call('SET', KEYS[1], 1, 'PX', ARGV[1])
+    end
+    """
+
+    def __init__(self, client: redis.Redis | None) -> None:
+        self.client = client
+
+    @staticmethod
+    def _marker(endpoint: str) -> str:
+        return f"ampsync:throttled:{endpoint}"
+
+    def active(self, endpoint: str) -> bool:
+        """Whether anyone of the endpoint is inside a throttle window."""
+        return self.client is not None and bool(self.client.get(self._marker(endpoint)))
+
+    def which(self, endpoint: str, ids: set[str]) -> set[str]:
+        """Those of `ids` still inside a throttle window."""
+        if self.client is None or not ids:
+            return set()
+        ordered = sorted(ids)
+        marker = self._marker(endpoint)
+        found = self.client.mget([f"{marker}:{i}" for i in ordered])
+        return {i for i, hit in zip(ordered, found, strict=True) if hit}
+
+    def remember(self, endpoint: str, ids: set[str], seconds: float) -> None:
+        if self.client is None or not ids or seconds <= 0:
+            return
+        marker, ttl = self._marker(endpoint), max(1, int(seconds * 1000))
+        pipe = self.client.pipeline(transaction=False)
+        for i in ids:
+            pipe.set(f"{marker}:{i}", 1, px=ttl)
+        # The marker lives as long as the longest window of any id behind it.
+        pipe.eval(self._EXTEND, 1, marker, ttl)
+        pipe.execute()

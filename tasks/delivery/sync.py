@@ -47,7 +47,15 @@ def run_sync(
                 if room == 0:
                     break
                 limit, floor = p.rows_per_request(p.endpoint(kind)), floors[kind]
-                claim = queue.claim(conn, p.tables, kind, limit, s.lease_seconds, after_id=floor)
+                claim = queue.claim(
+                    conn,
+                    p.tables,
+                    kind,
+                    limit,
+                    s.lease_seconds,
+                    after_id=floor,
+                    after_identify=s.events_after_identify,
+                )
                 floors[kind] = claim.next_floor(limit)
                 if claim.rows == 0:
                     if not floor:

@@ -91,7 +91,7 @@ class Payloads:
         self.builders: dict[str, payloads.Builder] = {}
 
     def build(self, row: dict[str, Any]) -> tuple[dict | None, str | None]:
-        endpoint = endpoint_for(row["kind"], self.s.event_api, self.s.identify_api)
+        endpoint = endpoint_for(row["kind"], self.s)
         if endpoint not in self.builders:
             self.builders[endpoint] = payloads.Builder(
                 endpoint, self.s.min_id_length, self.s.max_future_seconds, self.now

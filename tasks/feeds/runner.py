@@ -14,7 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..db import engine as db_engine
 from ..db import feeds as db_feeds
-from ..db import queue, schema
+from ..db import queue, retry, schema
 from ..db.schema import QueueTables
 from ..settings import Settings
 from .config import Feed, FeedsConfig, load_config
@@ -132,8 +132,9 @@ class FeedRunner:
         try:
             version, cursor = self._prepare(feed)
             source = read_source(feed, self._source(feed), cursor)
-            with self.engine.begin() as conn:
-                result = self._apply(conn, feed, version, source, cursor)
+            result = retry.retrying(
+                lambda: self._apply_in_transaction(feed, version, source, cursor)
+            )
         except FeedConflict:
             raise
         except FeedError as exc:
@@ -145,6 +146,13 @@ class FeedRunner:
             raise FeedError(message) from None
         result.seconds = time.monotonic() - started
         return result
+
+    def _apply_in_transaction(
+        self, feed: Feed, version: int, source: SourceRows, cursor: Cursor
+    ) -> RunResult:
+        """The run's one transaction, run again whole after a deadlock or a lock timeout."""
+        with self.engine.begin() as conn:
+            return self._apply(conn, feed, version, source, cursor)
 
     def _apply(
         self, conn: Connection, feed: Feed, version: int, source: SourceRows, cursor: Cursor

@@ -44,6 +44,14 @@ def source_engine(url: str) -> Engine:
 
 def read_source(feed: Feed, engine: Engine, cursor: Cursor) -> SourceRows:
     what = "procedure" if feed.procedure else "query"
+    if feed.kind == "event" and feed.query and not feed.procedure:
+        problems = db_feeds.wrapper_problems(feed.query, engine.dialect.name)
+        if problems:
+            raise FeedError(
+                f"{feed.where('query')}: the query runs wrapped as SELECT * FROM (query) AS "
+                f"{db_feeds.SOURCE_ALIAS} WHERE <cursor bounds>, where SQL Server refuses it: "
+                + "; ".join(problems)
+            )
     try:
         with engine.connect() as conn, conn.begin():
             bound = None

@@ -99,7 +99,8 @@ def test_flower_shows_the_sync_and_each_batch_with_its_result_summary(flower):
         [
             identify("user-00001", {"CRM_Segment": "gold"}),
             identify("user-00002", {"CRM_Segment": "silver"}),
-            event("user-00001", "Order Picked Up", {"order_id": 1}, insert_id="order-1"),
+            # a user with no identify row before it: the event need not wait for one
+            event("user-00003", "Order Picked Up", {"order_id": 1}, insert_id="order-1"),
             event("null", "Order Picked Up"),
         ]
     )

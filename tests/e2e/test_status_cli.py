@@ -69,6 +69,7 @@ def test_status_reports_rows_age_backoff_paused_endpoints_and_errors_with_passwo
         AMPSYNC_BACKOFF_MAX="600",
         AMPSYNC_PAUSE_BASE="300",
         AMPSYNC_PAUSE_MAX="600",
+        AMPSYNC_GROUP_IDENTIFY_API="groupidentify",
     )
     stack.start_worker()
     # and rows that were delivered or failed: two identical broken JSONs, one placeholder id
@@ -76,9 +77,13 @@ def test_status_reports_rows_age_backoff_paused_endpoints_and_errors_with_passwo
     stack.insert([{"kind": "identify", "user_id": "user-00009", "properties": BAD_JSON}] * 2)
     stack.insert([event("null", "Order Picked Up")])
     assert stack.drain() == {"sent": 3, "failed": 3}
-    # and Amplitude answering 500 to the next events request and 403 to group identify
+    # and Amplitude answering 500 to the next events request, and a gateway's HTML 400 page
+    # to group identify (a 400 about the request: the endpoint pauses)
     stack.emulator.set_faults(
-        fail_next=[{"path": "/batch", "code": 500}, {"path": "/groupidentify", "code": 403}]
+        fail_next=[
+            {"path": "/batch", "code": 500},
+            {"path": "/groupidentify", "code": 400, "html": True},
+        ]
     )
     stack.insert(
         [
@@ -117,7 +122,7 @@ def test_status_reports_rows_age_backoff_paused_endpoints_and_errors_with_passwo
     # and which endpoint is paused and why; the events endpoint only counts one failure
     endpoints = {e["endpoint"]: e for e in report["endpoints"]}
     assert endpoints["groupidentify"]["paused"] is True
-    assert "403" in endpoints["groupidentify"]["reason"]
+    assert "400" in endpoints["groupidentify"]["reason"]
     assert endpoints["batch"]["paused"] is False and endpoints["batch"]["failures"] == 1
     # and the most common errors of failed rows, with their counts, most common first
     errors = [(e["rows"], e["error"]) for e in report["common_errors"]]
@@ -141,7 +146,7 @@ def test_status_reports_rows_age_backoff_paused_endpoints_and_errors_with_passwo
     assert cells["group_identify"] == ["1", "0", "0", "0"]
     assert re.search(r"^oldest pending row: \d+ s$", table.stdout, re.M)
     assert "rows waiting on backoff: 3" in lines
-    assert any(line.startswith("PAUSED groupidentify until ") and "403" in line for line in lines)
+    assert any(line.startswith("PAUSED groupidentify until ") and "400" in line for line in lines)
     assert re.search(r"^\s+2 × invalid row: properties is not valid JSON", table.stdout, re.M)
     assert re.search(r"^\s+1 × invalid row: user_id 'null'", table.stdout, re.M)
 

@@ -39,6 +39,22 @@ def command(service: str) -> list[str]:
     return cmd if isinstance(cmd, list) else shlex.split(cmd)
 
 
+def shown(service: str) -> str:
+    """The command as the README's table shows it: a `sh -c` script as its script."""
+    args = command(service)
+    return args[2] if args[:2] == ["sh", "-c"] else " ".join(args)
+
+
+def ampsync_commands(service: str) -> list[list[str]]:
+    """Each command the service runs: one, or each step of a `sh -c 'a && b'` script."""
+    args = command(service)
+    if args[:2] != ["sh", "-c"]:
+        return [args]
+    steps = [shlex.split(step) for step in args[2].split("&&")]
+    assert len(args) == 3 and all(steps), args  # nothing but commands joined by &&
+    return steps
+
+
 def readme_services() -> dict[str, tuple[str, dict[str, str]]]:
     """The README's service table: service → (first code span of `runs`, {dependency: condition})."""
     section = README.split("## Run it with Docker Compose", 1)[1].split("\n## ", 1)[0]
@@ -76,10 +92,10 @@ def test_the_services_are_the_ones_the_readme_lists_with_their_images_and_comman
     assert documented["sqlserver"][0] == SERVICES["sqlserver"]["image"]
     assert SERVICES["redis"]["image"].startswith("redis:")
     for name in ("redis", *OUR_IMAGE):
-        shown = " ".join(command(name)).replace(
+        runs = shown(name).replace(
             "${FLOWER_BASIC_AUTH:?set FLOWER_BASIC_AUTH=user:password}", "$FLOWER_BASIC_AUTH"
         )
-        assert shown == documented[name][0], name
+        assert runs == documented[name][0], name
     # and ampsync's own services share one image built from this folder
     assert {SERVICES[name]["build"] for name in OUR_IMAGE} == {"."}
     assert len({SERVICES[name]["image"] for name in OUR_IMAGE}) == 1
@@ -147,13 +163,25 @@ def _options(args: list[str]) -> list[str]:
 
 @pytest.mark.parametrize("service", ["init", "emulator"])
 def test_every_ampsync_command_in_the_file_exists(service):
-    # given `ampsync <subcommand> <options>` as the compose file runs it
-    args = command(service)
-    assert args[0] == "ampsync"
-    # when its help is asked for, then the subcommand exists and lists every option used
-    text = _help([sys.executable, "-m", "tasks.cli", args[1], "--help"])
-    for option in _options(args[2:]):
-        assert option in text, (service, option)
+    # given each `ampsync <subcommand> <options>` as the compose file runs it
+    for args in ampsync_commands(service):
+        assert args[0] == "ampsync"
+        # when its help is asked for, then the subcommand exists and lists every option used
+        text = _help([sys.executable, "-m", "tasks.cli", args[1], "--help"])
+        for option in _options(args[2:]):
+            assert option in text, (service, option)
+
+
+def test_init_creates_the_tables_then_runs_the_check():
+    # given the one-shot init service
+    steps = ampsync_commands("init")
+    # then it creates the database and tables first, and checks them after, only if that worked
+    assert [args[:2] for args in steps] == [["ampsync", "init-db"], ["ampsync", "check"]]
+    assert "--create-database" in steps[0]
+    assert " && " in command("init")[2]
+    # and a failed check keeps the workers and beat from starting
+    for name in ("worker", "beat"):
+        assert SERVICES[name]["depends_on"]["init"]["condition"] == "service_completed_successfully"
 
 
 @pytest.mark.parametrize("service", ["worker", "beat"])
@@ -229,7 +257,7 @@ def test_dockerfile_installs_the_package_and_runs_as_a_non_root_user():
     instructions = [line for line in lines if line and not line.startswith("#")]
     copied = " ".join(line for line in instructions if line.startswith("COPY"))
     # everything `pip install .` needs is copied: the project file, README, modules
-    for needed in ("pyproject.toml", "README.md", "beat_schedule.py", "tasks"):
+    for needed in ("pyproject.toml", "README.md", "beat_schedule.py", "tasks", "ampsync_emulator"):
         assert needed in copied
     install = next(i for i, line in enumerate(instructions) if "pip install ." in line)
     users = [i for i, line in enumerate(instructions) if line.startswith("USER ")]

@@ -357,6 +357,9 @@ def test_given_min_id_length_option_when_short_ids_sent_then_accepted(amp):
     assert amp.counts()["events_unique"] == 2
 
 
+CONTENT_TYPE_ERROR = "Invalid request: Content-Type must be application/json"
+
+
 @pytest.mark.parametrize("path", EVENT_PATHS)
 @pytest.mark.parametrize(
     ("data", "content_type", "error"),
@@ -364,21 +367,104 @@ def test_given_min_id_length_option_when_short_ids_sent_then_accepted(amp):
         (b"{not json", "application/json", "Invalid JSON request body"),
         (b"[1, 2]", "application/json", "Invalid JSON request body"),
         (b"", "application/json", "Missing request body"),
-        (orjson.dumps({"api_key": KEY, "events": [ev()]}), "text/plain", None),
-        (b"api_key=x&events=y", "application/x-www-form-urlencoded", None),
+        (orjson.dumps({"api_key": KEY, "events": [ev()]}), "text/plain", CONTENT_TYPE_ERROR),
+        (b"api_key=x&events=y", "application/x-www-form-urlencoded", "Invalid JSON request body"),
+        (b"<events/>", "text/xml", "Invalid JSON request body"),
     ],
-    ids=["non-json", "json-not-object", "empty-body", "text-plain", "form-encoded"],
+    ids=["non-json", "json-not-object", "empty-body", "text-plain", "form-encoded", "xml"],
 )
 def test_given_malformed_body_or_content_type_when_posted_then_400_json(
     amp, path, data, content_type, error
 ):
     r = amp.post_raw(path, data, content_type)
     assert r.status_code == 400
-    body = r.json()
-    assert body["code"] == 400
-    if error:
-        assert body["error"] == error
+    assert r.json() == {"code": 400, "error": error}
     assert_nothing_ingested(amp)
+
+
+# Request-wide 400s: they name no event, whatever the body holds. (method, path, body,
+# Content-Type or None for no header, error)
+VALID_BATCH_BODY = orjson.dumps({"api_key": KEY, "events": [ev()]})
+REQUEST_WIDE_400_CASES = [
+    pytest.param(
+        "POST",
+        "/httpapi",
+        VALID_BATCH_BODY,
+        "application/json",
+        "Invalid request path",
+        id="v1-path",
+    ),
+    pytest.param(
+        "POST",
+        "/2/httpapi/batch",
+        VALID_BATCH_BODY,
+        "application/json",
+        "Invalid request path",
+        id="api-path-with-a-tail",
+    ),
+    pytest.param(
+        "POST",
+        "/proxy/batch",
+        VALID_BATCH_BODY,
+        "application/json",
+        "Invalid request path",
+        id="base-url-carrying-a-path",
+    ),
+    pytest.param("GET", "/2/httpapi/v3", b"", None, "Invalid request path", id="get-unknown"),
+    pytest.param(
+        "POST", "/", VALID_BATCH_BODY, "application/json", "Invalid request path", id="post-to-root"
+    ),
+    *(
+        pytest.param(
+            "POST",
+            path,
+            b"",
+            None,
+            "Missing request body",
+            id=f"no-body-{path.strip('/').replace('/', '-')}",
+        )
+        for path in (V2, BATCH, "/identify", "/groupidentify")
+    ),
+    pytest.param(
+        "POST",
+        V2,
+        b"not json at all",
+        None,
+        "Invalid JSON request body",
+        id="v2-text-without-content-type",
+    ),
+    pytest.param(
+        "POST",
+        BATCH,
+        b'{"api_key": "k", "events": [',
+        "application/json",
+        "Invalid JSON request body",
+        id="batch-truncated-json",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "data", "content_type", "error"), REQUEST_WIDE_400_CASES
+)
+def test_given_request_wide_problem_when_sent_then_400_json_naming_no_event(
+    amp, method, path, data, content_type, error
+):
+    headers = {"Content-Type": content_type} if content_type else {}
+    r = amp.s.request(method, amp.url + path, data=data, headers=headers, timeout=5)
+    assert r.status_code == 400
+    assert r.headers["Content-Type"] == "application/json"
+    assert r.json() == {"code": 400, "error": error}
+    assert_nothing_ingested(amp)
+    assert amp.state()["rejected"][-1]["error"].startswith(error)
+
+
+def test_given_wrong_path_when_called_then_counted_and_listed_with_the_path(amp):
+    amp.s.post(amp.url + "/proxy/batch", data=VALID_BATCH_BODY, timeout=5)
+    state = amp.state()
+    assert state["counts"]["requests"] == {"(invalid path)": {"400": 1}}
+    assert state["rejected"][-1]["error"] == "Invalid request path: POST /proxy/batch"
+    assert amp.s.get(amp.url + "/favicon.ico", timeout=5).status_code == 404
 
 
 def test_given_charset_suffix_in_content_type_when_posted_then_accepted(amp):
@@ -515,6 +601,49 @@ def test_given_batch_user_over_1000_eps_over_30s_when_posted_then_429(amp):
     assert body["exceeded_daily_quota_users"] == {}
 
 
+def send_for_one_id(amp, path, id_field, n):
+    """One request: n events (identifications on /identify) of one hot id, then a bystander's."""
+    hot = "hot-user" if id_field == "user_id" else "hot-device"
+    if path == "/identify":
+        return amp.identify([{id_field: hot} for _ in range(n)] + [{"user_id": "user-0001"}])
+    ids = {"user_id": None, id_field: hot}
+    events = [ev(i, **ids) for i in range(n)] + [ev(99_999)]
+    return amp.post_events(path, events)
+
+
+# (path, id field, events of that id in one request, eps_threshold, reported rate or None = 200)
+ONE_REQUEST_THROTTLE_CASES = [
+    pytest.param(V2, "user_id", 301, 30, 31, id="v2-user-301"),
+    pytest.param(V2, "device_id", 301, 30, 31, id="v2-device-301"),
+    pytest.param(V2, "user_id", 300, 30, None, id="v2-user-300-accepted"),
+    pytest.param("/identify", "user_id", 301, 30, 31, id="identify-user-301"),
+    pytest.param("/identify", "user_id", 300, 30, None, id="identify-user-300-accepted"),
+    pytest.param(BATCH, "user_id", 30_001, 1000, 1001, id="batch-user-30001"),
+    pytest.param(BATCH, "device_id", 30_000, 1000, None, id="batch-device-30000-accepted"),
+]
+
+
+@pytest.mark.parametrize(("path", "id_field", "n", "threshold", "rate"), ONE_REQUEST_THROTTLE_CASES)
+def test_given_one_request_over_threshold_x_window_for_one_id_when_posted_to_empty_window_then_429(
+    amp, path, id_field, n, threshold, rate
+):
+    amp.emu.set_faults(max_events_per_request=40_000)
+    r = send_for_one_id(amp, path, id_field, n)
+    if rate is None:  # at or under threshold x window: a request is never throttled by itself
+        assert r.status_code == 200
+        return
+    assert r.status_code == 429
+    body = r.json()
+    hot = "hot-user" if id_field == "user_id" else "hot-device"
+    throttled = "throttled_users" if id_field == "user_id" else "throttled_devices"
+    other = "throttled_devices" if id_field == "user_id" else "throttled_users"
+    assert (body["code"], body["eps_threshold"]) == (429, threshold)
+    assert (body[throttled], body[other]) == ({hot: rate}, {})
+    assert body["throttled_events"] == list(range(n))  # the bystander's event is not listed
+    assert_nothing_ingested(amp)
+    assert send_for_one_id(amp, path, id_field, n).status_code == 429  # every time: split it
+
+
 def test_given_eps_limit_disabled_when_bursting_then_accepted(amp):
     amp.emu.set_faults(per_user_eps_limit=False)
     for r in range(3):
@@ -579,6 +708,47 @@ def test_given_same_insert_id_on_other_device_or_key_when_posted_then_not_duplic
     amp.post_events(V2, [{**base, "device_id": "device-1", "user_id": "user-0009"}])
     c = amp.counts()
     assert (c["events_unique"], c["duplicates"]) == (4, 1)
+
+
+D1 = {"device_id": "device-0001"}
+D2 = {"device_id": "device-0002"}
+# (first path, first ids, second path, second ids, second api key, second is a duplicate)
+INSERT_ID_SCOPE_CASES = [
+    pytest.param(BATCH, D1, BATCH, D2, KEY, True, id="batch-other-device"),
+    pytest.param(
+        BATCH,
+        {"user_id": "user-0001"},
+        BATCH,
+        {"user_id": "user-0002"},
+        KEY,
+        True,
+        id="batch-other-user",
+    ),
+    pytest.param(BATCH, D1, BATCH, D2, "other-project", False, id="batch-other-project"),
+    pytest.param(V2, D1, V2, D1, KEY, True, id="v2-same-device"),
+    pytest.param(V2, D1, V2, D2, KEY, False, id="v2-other-device"),
+    pytest.param(
+        V2, {"user_id": "user-0001"}, V2, {"user_id": "user-0002"}, KEY, False, id="v2-other-user"
+    ),
+    pytest.param(V2, D1, BATCH, D2, KEY, True, id="v2-then-batch-other-device"),
+    pytest.param(BATCH, D1, V2, D1, KEY, True, id="batch-then-v2-same-device"),
+    pytest.param(BATCH, D1, V2, D2, KEY, False, id="batch-then-v2-other-device"),
+]
+
+
+@pytest.mark.parametrize(
+    ("first_path", "first_ids", "second_path", "second_ids", "second_key", "duplicate"),
+    INSERT_ID_SCOPE_CASES,
+)
+def test_given_insert_id_seen_when_sent_again_then_batch_dedups_per_project_v2_per_device(
+    amp, first_path, first_ids, second_path, second_ids, second_key, duplicate
+):
+    base = {"event_type": "Order Picked Up", "insert_id": "order-1"}
+    assert amp.post_events(first_path, [{**base, **first_ids}]).status_code == 200
+    r = amp.post_events(second_path, [{**base, **second_ids}], api_key=second_key)
+    assert r.status_code == 200 and r.json()["events_ingested"] == 1
+    c = amp.counts()
+    assert (c["events_unique"], c["duplicates"]) == ((1, 1) if duplicate else (2, 0))
 
 
 def test_given_events_without_insert_id_when_resent_then_each_stored(amp):
@@ -822,6 +992,132 @@ def test_given_2001_identifications_when_posted_then_413(amp):
 
 
 # ----------------------------------------------------------------------------------------------
+# Property-update budget (1,800 updates per user per hour, then dropped with a 200)
+# ----------------------------------------------------------------------------------------------
+
+ADD_ONE = {"$add": {"n": 1}}
+
+
+def identify_api(amp, uid, i):
+    r = amp.identify({"user_id": uid, "user_properties": ADD_ONE})
+    assert (r.status_code, r.text) == (200, "success")
+
+
+def identify_event(path):
+    def send(amp, uid, i):
+        e = {"event_type": "$identify", "user_id": uid, "insert_id": f"{uid}-{i}"}
+        r = amp.post_events(path, [{**e, "user_properties": ADD_ONE}])
+        assert (r.status_code, r.json()["events_ingested"]) == (200, 1)
+
+    return send
+
+
+def event_with_user_properties(amp, uid, i):
+    r = amp.post_events(
+        BATCH, [ev(i, user_id=uid, insert_id=f"{uid}-{i}", user_properties=ADD_ONE)]
+    )
+    assert (r.status_code, r.json()["events_ingested"]) == (200, 1)
+
+
+UPDATE_KINDS = [
+    pytest.param(identify_api, id="identify-api"),
+    pytest.param(identify_event(BATCH), id="identify-event-batch"),
+    pytest.param(identify_event(V2), id="identify-event-v2"),
+    pytest.param(event_with_user_properties, id="event-with-user-properties"),
+]
+
+
+@pytest.mark.parametrize("send", UPDATE_KINDS)
+def test_given_user_at_hourly_update_limit_when_updated_again_then_200_and_update_dropped(
+    amp, send
+):
+    amp.s.post(amp.url + "/_emulator/faults", json={"user_updates_per_hour": 3}, timeout=5)
+    for i in range(4):
+        send(amp, "busy-user", i)
+    send(amp, "calm-user", 0)
+    state = amp.state()
+    assert state["users"]["busy-user"]["user_properties"] == {"n": 3}
+    assert state["users"]["calm-user"]["user_properties"] == {"n": 1}
+    assert state["counts"]["user_updates_dropped"] == 1
+    assert state["counts"]["user_updates_dropped_by_user"] == {"busy-user": 1}
+    if send is event_with_user_properties:  # the event itself still counts
+        assert state["users"]["busy-user"]["events"] == 4
+
+
+def test_given_updates_of_every_kind_when_over_the_limit_then_they_share_one_budget(amp):
+    amp.emu.set_faults(user_updates_per_hour=4)
+    uid = "busy-user"
+    identify_api(amp, uid, 0)  # 1
+    identify_event(BATCH)(amp, uid, 1)  # 2
+    event_with_user_properties(amp, uid, 2)  # 3
+    amp.post_events(BATCH, [ev(3, user_id=uid)])  # no user_properties: not an update
+    amp.post_events(
+        BATCH,
+        [ev(4, user_id=uid, user_properties=ADD_ONE, **{"$skip_user_properties_sync": True})],
+    )  # skipped sync: not an update
+    identify_event(BATCH)(amp, uid, 1)  # a duplicate insert_id: not an update
+    identify_event(V2)(amp, uid, 5)  # 4
+    identify_api(amp, uid, 6)  # dropped
+    event_with_user_properties(amp, uid, 7)  # dropped
+    state = amp.state()
+    assert state["users"][uid]["user_properties"] == {"n": 4}
+    assert state["users"][uid]["events"] == 4
+    assert state["counts"]["user_updates_dropped_by_user"] == {uid: 2}
+
+
+def test_given_default_limit_when_1801_updates_in_one_request_then_1800_applied(amp):
+    assert Faults().user_updates_per_hour == 1800
+    events = [
+        {
+            "event_type": "$identify",
+            "user_id": "busy-user",
+            "insert_id": f"i{i}",
+            "user_properties": ADD_ONE,
+        }
+        for i in range(1801)
+    ]
+    assert amp.post_events(BATCH, events).status_code == 200
+    assert amp.props("busy-user") == {"n": 1800}
+    assert amp.counts()["user_updates_dropped"] == 1
+
+
+def test_given_updates_older_than_an_hour_when_updated_then_budget_freed(amp):
+    clock = [1000.0]
+    amp.emu._clock = lambda: clock[0]  # the emulator's hour, moved by hand
+    amp.emu.set_faults(user_updates_per_hour=2)
+    for t, expected_n in [
+        (1000.0, 1),
+        (2000.0, 2),
+        (4599.0, 2),  # two in the last hour: dropped
+        (4600.5, 3),  # the one at 1000 is over an hour old
+        (4601.0, 3),  # dropped updates did not count, but 2000 and 4600.5 still do
+        (5600.5, 4),
+    ]:
+        clock[0] = t
+        identify_api(amp, "busy-user", 0)
+        assert amp.props("busy-user") == {"n": expected_n}, t
+    assert amp.counts()["user_updates_dropped"] == 2
+
+
+def test_given_dropped_updates_when_page_loaded_then_counts_and_user_rows_show_them(amp):
+    amp.emu.set_faults(user_updates_per_hour=1)
+    for i in range(3):
+        identify_api(amp, "busy-user", i)
+    identify_api(amp, "calm-user", 0)
+    p = _Tables()
+    p.feed(amp.s.get(amp.url + "/", timeout=5).text)
+    counts = next(cells for _, cells in p.tables["counts"] if cells)
+    assert counts["user-updates-dropped"] == "2"
+    users = {a["data-user-id"]: c for a, c in p.tables["users"] if "data-user-id" in a}
+    assert {u: c["updates-dropped"] for u, c in users.items()} == {
+        "busy-user": "2",
+        "calm-user": "0",
+    }
+    over = {a["data-user-id"]: c for a, c in p.tables["updates-dropped"] if "data-user-id" in a}
+    assert {u: c["updates-dropped"] for u, c in over.items()} == {"busy-user": "2"}
+
+
+# ----------------------------------------------------------------------------------------------
 # Group identify
 # ----------------------------------------------------------------------------------------------
 
@@ -894,6 +1190,26 @@ def test_given_groupidentify_event_when_ingested_then_each_group_value_updated(a
         "org": {"Acme": {"tier": 2}, "Beta": {"tier": 2}},
         "team": {"red": {"tier": 2}},
     }
+
+
+@pytest.mark.parametrize("path", EVENT_PATHS)
+def test_given_groupidentify_event_resent_after_500_after_ingest_when_posted_then_applied_once(
+    amp, path
+):
+    amp.emu.set_faults(fail_next=[{"code": 500, "after_ingest": True}])
+    event = {
+        "event_type": "$groupidentify",
+        "insert_id": "group-row-1",
+        "groups": {"company": "Acme Ltd"},
+        "group_properties": {"$add": {"seats": 5}, "$append": {"tags": "vip"}},
+    }
+    assert amp.post_events(path, [event]).status_code == 500
+    assert amp.post_events(path, [event]).status_code == 200
+    state = amp.state()
+    assert state["groups"] == {"company": {"Acme Ltd": {"seats": 5, "tags": ["vip"]}}}
+    assert state["users"] == {}  # no user or device id needed, none created
+    c = state["counts"]
+    assert (c["events_unique"], c["duplicates"], c["identifications"]) == (1, 1, 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1003,6 +1319,127 @@ def test_given_down_when_any_api_called_then_503_until_turned_off(amp):
     assert_nothing_ingested(amp)
     amp.emu.set_faults(down=False)
     assert amp.post_events(V2, [ev()]).status_code == 200
+
+
+def send_valid(amp, path, note="plain"):
+    """One valid request to `path` whose body carries `note`."""
+    if path == "/identify":
+        return amp.identify({"user_id": "user-0001", "user_properties": {"note": note}})
+    if path == "/groupidentify":
+        return amp.identify(gid(props={"note": note}), path=path)
+    return amp.post_events(path, [ev(0, event_properties={"note": note}), ev(1)])
+
+
+def assert_html_page_not_ingested(amp, r, status, title):
+    assert r.status_code == status
+    assert r.headers["Content-Type"].startswith("text/html")
+    assert f"<title>{title}</title>" in r.text
+    with pytest.raises(ValueError):
+        r.json()
+    assert_nothing_ingested(amp)
+    assert amp.state()["groups"] == {}
+
+
+API_PATHS = [V2, BATCH, "/identify", "/groupidentify"]
+
+
+@pytest.mark.parametrize("path", API_PATHS)
+def test_given_gateway_html_400_rate_when_posted_then_nginx_400_page_and_nothing_ingested(
+    amp, path
+):
+    r = amp.s.post(amp.url + "/_emulator/faults", json={"gateway_html_400_rate": 1.0}, timeout=5)
+    assert r.json()["gateway_html_400_rate"] == 1.0
+    r = send_valid(amp, path)
+    assert_html_page_not_ingested(amp, r, 400, "400 Bad Request")
+    assert "<center>nginx</center>" in r.text
+    assert amp.counts()["requests"][path] == {"400": 1}
+    assert "gateway_html_400" in amp.state()["rejected"][-1]["error"]
+    amp.emu.set_faults(gateway_html_400_rate=0.0)
+    assert send_valid(amp, path).status_code == 200
+
+
+def test_given_fail_next_html_400_when_posted_then_one_gateway_page_then_accepted(amp):
+    amp.emu.set_faults(fail_next=[{"code": 400, "html": True, "path": BATCH}])
+    assert_html_page_not_ingested(amp, send_valid(amp, BATCH), 400, "400 Bad Request")
+    assert send_valid(amp, BATCH).status_code == 200
+
+
+BLOCKED = ["DROP TABLE", "<script>"]
+# (path, the note a row carries, blocked?)
+FIREWALL_CASES = [
+    pytest.param(BATCH, "x'; DROP TABLE users; --", True, id="batch-sql"),
+    pytest.param(V2, "<script>alert(1)</script>", True, id="v2-script"),
+    pytest.param(V2, "drop table (other case)", False, id="v2-case-differs"),
+    pytest.param(BATCH, "an ordinary note", False, id="batch-clean"),
+    pytest.param("/identify", "<script>x</script>", True, id="identify-form-url-encoded"),
+    pytest.param("/groupidentify", "DROP TABLE groups", True, id="groupidentify-form"),
+    pytest.param("/identify", "an ordinary note", False, id="identify-clean"),
+]
+
+
+@pytest.mark.parametrize(("path", "note", "blocked"), FIREWALL_CASES)
+def test_given_firewall_block_when_body_carries_blocked_text_then_html_403_and_nothing_ingested(
+    amp, path, note, blocked
+):
+    amp.s.post(amp.url + "/_emulator/faults", json={"firewall_block": BLOCKED}, timeout=5)
+    r = send_valid(amp, path, note)
+    if not blocked:
+        assert r.status_code == 200
+        return
+    assert_html_page_not_ingested(amp, r, 403, "403 Forbidden")
+    rejected = amp.state()["rejected"][-1]
+    assert (rejected["path"], rejected["status"]) == (path, 403)
+    assert rejected["detail"]["matched"] in BLOCKED
+    assert send_valid(amp, path, "an ordinary note").status_code == 200  # other rows go through
+
+
+def test_given_firewall_block_all_when_any_api_called_then_html_403_until_turned_off(amp):
+    amp.s.post(amp.url + "/_emulator/faults", json={"firewall_block_all": True}, timeout=5)
+    for path in API_PATHS:  # (the emulator's own /_emulator pages stay reachable)
+        assert_html_page_not_ingested(amp, send_valid(amp, path), 403, "403 Forbidden")
+    assert amp.counts()["requests"] == {p: {"403": 1} for p in API_PATHS}
+    amp.emu.set_faults(firewall_block_all=False)
+    assert all(send_valid(amp, path).status_code == 200 for path in API_PATHS)
+
+
+def test_given_fail_next_firewall_when_posted_then_one_html_403(amp):
+    amp.emu.set_faults(fail_next=[{"firewall": True}])
+    assert_html_page_not_ingested(amp, send_valid(amp, V2), 403, "403 Forbidden")
+    assert send_valid(amp, V2).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"gateway_html_400_rate": 1.5},
+        {"firewall_block": "DROP TABLE"},
+        {"firewall_block": [""]},
+        {"firewall_block": [7]},
+        {"firewall_block_all": "yes"},
+        {"user_updates_per_hour": -1},
+        {"user_updates_per_hour": True},
+        {"fail_next": [{"waf": True}]},
+    ],
+    ids=str,
+)
+def test_given_bad_value_for_a_new_fault_when_posted_then_400_and_faults_unchanged(amp, change):
+    before = amp.s.get(amp.url + "/_emulator/faults", timeout=5).json()
+    r = amp.s.post(amp.url + "/_emulator/faults", json=change, timeout=5)
+    assert r.status_code == 400 and "error" in r.json()
+    assert amp.s.get(amp.url + "/_emulator/faults", timeout=5).json() == before
+
+
+def test_given_new_faults_when_read_then_defaults_and_settable_through_control_endpoint(amp):
+    got = amp.s.get(amp.url + "/_emulator/faults", timeout=5).json()
+    assert (
+        got["gateway_html_400_rate"],
+        got["firewall_block"],
+        got["firewall_block_all"],
+        got["user_updates_per_hour"],
+    ) == (0.0, [], False, 1800)
+    change = {"firewall_block": ["x"], "firewall_block_all": True, "user_updates_per_hour": None}
+    got = amp.s.post(amp.url + "/_emulator/faults", json=change, timeout=5).json()
+    assert {k: got[k] for k in change} == change
 
 
 def test_given_same_seed_when_random_faults_then_same_sequence():
@@ -1151,11 +1588,6 @@ def test_given_received_data_when_page_loaded_then_tables_show_it_escaped(amp):
     assert types["Order Picked Up"]["count"] == "2" and types["Login"]["count"] == "1"
     rejected = [cells for a, cells in p.tables["rejected"] if a.get("class") == "rejected"]
     assert len(rejected) == 1 and rejected[0]["error"] == "Request missing required field"
-
-
-def test_given_unknown_path_when_called_then_404(amp):
-    r = amp.s.post(amp.url + "/httpapi", data=b"x", timeout=5)
-    assert r.status_code == 404
 
 
 # ----------------------------------------------------------------------------------------------

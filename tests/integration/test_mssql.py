@@ -8,14 +8,23 @@ import re
 
 import pytest
 import sqlglot
-from sqlalchemy.dialects import mssql
+from pymssql import _mssql
+from sqlalchemy.dialects import mssql, sqlite
+from sqlalchemy.dialects.mssql import pymssql
 
 from tasks import outcomes
 from tasks.db import queue, schema, setup
 
 DIALECT = mssql.dialect()
+PYMSSQL = pymssql.dialect(paramstyle="pyformat")
 TABLES = schema.define_tables("dbo.amplitude_queue")
 TOKEN = "0" * 32
+
+
+def claim_sql(tables, kind, limit, lease, after_id=0) -> str:
+    """The claim's batch as pymssql sends it (docs/sqlserver.md, "The claim")."""
+    batch = queue.claim_batch(tables, kind, limit, lease, TOKEN, PYMSSQL, after_id)
+    return _mssql.substitute_params(batch.sql, dict(batch.params)).decode()
 
 
 def tsql(statement) -> str:
@@ -28,24 +37,26 @@ def parse(sql: str):
 
 def test_the_claim_locks_with_updlock_readpast_rowlock_and_returns_ids_with_output():
     for kind in outcomes.KINDS:
-        sql = str(queue.compiled_claim(TABLES, kind, 2000, 300, DIALECT))
+        sql = claim_sql(TABLES, kind, 2000, 300)
         assert "WITH (ROWLOCK, UPDLOCK, READPAST)" in sql
-        assert "OUTPUT inserted.id" in sql
+        assert "OUTPUT inserted.id INTO @ids" in sql
         assert "SELECT TOP 2000" in sql and "ORDER BY candidate.id" in sql
         # kind and status are literals (filtered indexes; no NVARCHAR parameters on VARCHAR)
         assert f"candidate.kind = '{kind}'" in sql and "candidate.status = 'pending'" in sql
         assert "SYSUTCDATETIME()" in sql  # the database's clock, never a worker's
-        parse(sql)
+        for statement in sqlglot.parse(sql, read="tsql", error_level=sqlglot.ErrorLevel.RAISE):
+            assert statement is not None
 
 
 def test_only_ordered_kinds_check_for_an_earlier_unfinished_row_of_the_same_key():
-    assert "earlier.user_id = candidate.user_id" in str(
-        queue.compiled_claim(TABLES, "identify", 10, 300, DIALECT)
+    assert "earlier.user_id = candidate.user_id" in claim_sql(TABLES, "identify", 10, 300)
+    assert "earlier.group_value = candidate.group_value" in claim_sql(
+        TABLES, "group_identify", 10, 300
     )
-    assert "earlier.group_value = candidate.group_value" in str(
-        queue.compiled_claim(TABLES, "group_identify", 10, 300, DIALECT)
+    assert (
+        "earlier"
+        not in queue.claim_batch(TABLES, "event", 10, 300, TOKEN, PYMSSQL, after_identify=False).sql
     )
-    assert "earlier" not in str(queue.compiled_claim(TABLES, "event", 10, 300, DIALECT))
 
 
 def test_the_ddl_creates_the_queue_table_with_sql_server_types_and_parses_as_tsql():
@@ -75,7 +86,8 @@ def test_the_ddl_creates_the_queue_table_with_sql_server_types_and_parses_as_tsq
 @pytest.mark.parametrize(
     "name,build",
     [
-        ("sweep", lambda: queue.sweep_statements(TABLES, 12)),
+        # the sweep's Core statements (SQL Server's own batches: test_mssql_statements.py)
+        ("sweep", lambda: queue.sweep_statements(TABLES, 12, sqlite.dialect())),
         ("renew", lambda: [queue.renew_statement(TABLES, TOKEN, 300)]),
         ("load", lambda: [queue.load_statement(TABLES, TOKEN)]),
         (
@@ -133,8 +145,8 @@ def test_an_acknowledgement_is_one_statement_per_outcome_not_per_row():
 
 
 def test_schema_qualified_names_keep_their_schema():
-    sql = str(queue.compiled_claim(schema.define_tables("crm.amp_q"), "event", 5, 60, DIALECT))
-    assert "UPDATE crm.amp_q SET" in sql and "FROM crm.amp_q AS candidate" in sql
+    sql = claim_sql(schema.define_tables("crm.amp_q"), "event", 5, 60)
+    assert "UPDATE c SET" in sql and "FROM crm.amp_q AS candidate" in sql
 
 
 def test_init_db_print_sql_gives_a_dba_the_complete_tsql_when_the_server_is_out_of_reach(tmp_path):
@@ -169,7 +181,7 @@ def test_init_db_print_sql_gives_a_dba_the_complete_tsql_when_the_server_is_out_
 
 
 def test_a_claim_with_a_floor_seeks_past_it_and_still_parses_as_tsql():
-    sql = str(queue.compiled_claim(TABLES, "identify", 2000, 300, DIALECT, after_id=12345))
-    assert "candidate.id > 12345" in sql
+    sql = claim_sql(TABLES, "identify", 2000, 300, after_id=12345)
+    assert "candidate.id > CAST(12345 AS BIGINT)" in sql
     assert "earlier.id < candidate.id" in sql  # the same-key check still looks below the floor
-    parse(sql)
+    sqlglot.parse(sql, read="tsql", error_level=sqlglot.ErrorLevel.RAISE)

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REDIS_URL = os.environ.get("AMPSYNC_TEST_REDIS", "redis://127.0.0.1:6379/7")
@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import delete, func, select  # noqa: E402
 
-from ampsync_emulator import Emulator  # noqa: E402
+from ampsync_emulator import Emulator, Faults  # noqa: E402
 from tasks.broker import redis_client  # noqa: E402
 from tasks.db import engine as db_engine  # noqa: E402
 from tasks.db import queue, schema, setup  # noqa: E402
@@ -185,21 +185,9 @@ class Stack:
         return status.collect(s, self.tables, self.engine)
 
 
-DEFAULT_FAULTS = {
-    "latency_ms": 0,
-    "fail_before_rate": 0.0,
-    "fail_after_rate": 0.0,
-    "html_error_rate": 0.0,
-    "reset_rate": 0.0,
-    "slow_rate": 0.0,
-    "slow_seconds": 0.0,
-    "throttled_users": {},
-    "daily_quota_users": [],
-    "max_events_per_request": None,
-    "max_bytes_per_request": None,
-    "fail_next": [],
-    "down": False,
-}
+# Every fault the emulator has, at its default: tests reset to this, so a fault one test set
+# (a new one included) never leaks into the next.
+DEFAULT_FAULTS = asdict(Faults())
 
 
 def wait_for_worker(proc: subprocess.Popen, log: Path, timeout: float = 40) -> None:

@@ -48,7 +48,7 @@ def answer(status: int, body: dict | None = None, text: str | None = None) -> An
         (answer(200, {"code": "ok"}), Endpoint.HTTP_V2),
         (answer(200, None, "success"), Endpoint.IDENTIFY),
         (answer(200, None, "success"), Endpoint.GROUP_IDENTIFY),
-        (answer(200, None, ""), Endpoint.IDENTIFY),
+        (answer(200, None, " Success\n"), Endpoint.IDENTIFY),
     ],
     ids=[
         "batch JSON 200",
@@ -58,7 +58,7 @@ def answer(status: int, body: dict | None = None, text: str | None = None) -> An
         "non-integer body code",
         "identify plain success",
         "groupidentify plain success",
-        "identify empty body",
+        "form success in any case, padded",
     ],
 )
 def test_given_a_2xx_acceptance_when_read_then_the_whole_request_is_sent(the_answer, endpoint):
@@ -79,15 +79,37 @@ def test_given_a_2xx_non_json_answer_on_an_event_endpoint_when_read_then_it_is_t
     assert reading.reason.startswith("HTTP 200 with a non-JSON body")
 
 
+@pytest.mark.parametrize("endpoint", FORM_ENDPOINTS, ids=str)
+@pytest.mark.parametrize(
+    ("status", "text"),
+    [
+        (200, ""),
+        (200, "ok"),
+        (200, "successful"),
+        (200, "<html><body>success</body></html>"),
+        (202, "Accepted"),
+    ],
+    ids=["empty", "ok", "successful", "html page saying success", "202 other text"],
+)
+def test_given_a_2xx_form_answer_other_than_success_when_read_then_it_is_transient_not_sent(
+    endpoint, status, text
+):
+    """The form APIs answer exactly `success`: any other 2xx text is a proxy's, and nothing
+    says Amplitude got the rows."""
+    reading = read(answer(status, None, text), request(), endpoint)
+    assert reading.verdict is Verdict.TRANSIENT
+    assert reading.reason == f"HTTP {status} with a non-JSON body: {text}"
+
+
 @pytest.mark.parametrize(
     ("code", "body_extra", "verdict"),
     [
         (400, {}, Verdict.SPLIT),
         (400, {"events_with_invalid_fields": {"time": [1]}}, Verdict.REJECTED_ROWS),
-        (413, {}, Verdict.SPLIT),
+        (413, {}, Verdict.TOO_LARGE),
         (429, {"throttled_users": {"u-0": 40}}, Verdict.THROTTLED),
         (500, {}, Verdict.TRANSIENT),
-        (403, {}, Verdict.PAUSE),
+        (403, {}, Verdict.BLOCKED),
         (404, {}, Verdict.PAUSE),
     ],
     ids=["400", "400 naming a row", "413", "429", "500", "403", "404"],
@@ -118,6 +140,7 @@ def test_given_a_400_invalid_api_key_when_read_then_the_endpoint_pauses(error, e
 
 
 ERR = "Request missing required field"
+ROWS_1 = {"events_with_invalid_fields": {"time": [9]}}  # an index past every request here
 
 
 @pytest.mark.parametrize(
@@ -196,32 +219,157 @@ def test_given_a_400_naming_rows_when_read_then_exactly_those_rows_are_rejected_
             answer(400, {"code": 400, "error": ERR, "events_with_invalid_fields": {"t": [4, 9]}}),
             f"HTTP 400: {ERR}",
         ),
-        (answer(400, None, "Bad Request"), "HTTP 400: Bad Request"),
-        (answer(400, None, ""), "HTTP 400: HTTP 400"),
+        (
+            answer(400, {"code": 400, "error": ERR, "missing_field": "event_type", **ROWS_1}),
+            f"HTTP 400: {ERR}",
+        ),
     ],
     ids=[
         "no index lists",
         "empty silenced list",
         "only indexes past the request",
-        "non-JSON 400",
-        "empty 400",
+        "missing_field with event indexes past the request",
     ],
 )
-def test_given_a_400_naming_no_row_of_the_request_when_read_then_the_request_is_split(
-    the_answer, reason
+@pytest.mark.parametrize("endpoint", ALL_ENDPOINTS, ids=str)
+def test_given_a_json_400_naming_no_row_of_the_request_when_read_then_the_request_is_split(
+    the_answer, reason, endpoint
 ):
-    reading = read(the_answer, request(4), Endpoint.BATCH)
+    reading = read(the_answer, request(4), endpoint)
     assert reading.verdict is Verdict.SPLIT
     assert reading.reason == reason
     assert reading.rejected == {}
 
 
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("Bad Request", "HTTP 400: Bad Request"),
+        ("", "HTTP 400: HTTP 400"),
+        ("invalid user_id: short", "HTTP 400: invalid user_id: short"),
+    ],
+    ids=["plain text", "empty", "plain text about a field"],
+)
+@pytest.mark.parametrize("endpoint", FORM_ENDPOINTS, ids=str)
+def test_given_a_plain_text_400_on_a_form_endpoint_when_read_then_the_request_is_split(
+    text, reason, endpoint
+):
+    """The form APIs answer plain text: a text 400 is Amplitude's, about some row."""
+    reading = read(answer(400, None, text), request(4), endpoint)
+    assert reading.verdict is Verdict.SPLIT
+    assert reading.reason == reason
+    assert reading.rejected == {}
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        "Invalid request path",
+        "Missing request body",
+        "Invalid JSON request body",
+        "INVALID REQUEST PATH: /x/batch",
+        "invalid json request body: expecting value",
+    ],
+    ids=["path", "no body", "non-JSON body", "upper case, with detail", "lower case, with detail"],
+)
+@pytest.mark.parametrize("as_json", [True, False], ids=["json", "text"])
 @pytest.mark.parametrize("endpoint", ALL_ENDPOINTS, ids=str)
-def test_given_a_413_when_read_then_the_request_is_split(endpoint):
+def test_given_a_400_about_the_whole_request_when_read_then_the_endpoint_pauses_failing_no_row(
+    error, as_json, endpoint
+):
+    body = {"code": 400, "error": error, **ROWS_1} if as_json else None
+    reading = read(answer(400, body, error), request(4), endpoint)
+    assert reading.verdict is Verdict.PAUSE
+    assert reading.rejected == {}
+    if as_json or endpoint in FORM_ENDPOINTS:
+        assert reading.reason == (
+            f"HTTP 400 for the whole request, not a row: {error} (check AMPLITUDE_SERVER_URL "
+            "and any proxy in the way)"
+        )
+    else:  # the event APIs answer JSON: this text is a page from something in between
+        assert reading.reason.startswith("HTTP 400 with a page that is not Amplitude's answer")
+        assert reading.reason.endswith(f": {error}")
+
+
+@pytest.mark.parametrize(
+    ("field", "extra"),
+    [
+        ("api_key", {}),
+        ("events", {"silenced_events": []}),
+        ("api_key", {"events_with_invalid_fields": {}}),
+    ],
+    ids=["api_key", "events, empty silenced list", "empty index map"],
+)
+@pytest.mark.parametrize("endpoint", EVENT_ENDPOINTS, ids=str)
+def test_given_a_400_missing_field_naming_no_event_when_read_then_the_endpoint_pauses(
+    field, extra, endpoint
+):
+    body = {"code": 400, "error": ERR, "missing_field": field, **extra}
+    reading = read(answer(400, body), request(4), endpoint)
+    assert reading.verdict is Verdict.PAUSE
+    assert reading.reason == f"HTTP 400: the request lacks {field}: {ERR}"
+    assert reading.rejected == {}
+
+
+@pytest.mark.parametrize("endpoint", EVENT_ENDPOINTS, ids=str)
+def test_given_a_400_missing_field_with_event_indexes_when_read_then_those_rows_are_rejected(
+    endpoint,
+):
+    body = {
+        "code": 400,
+        "error": ERR,
+        "missing_field": "event_type",
+        "events_with_missing_fields": {"event_type": [2]},
+    }
+    reading = read(answer(400, body), request(4), endpoint)
+    assert reading.verdict is Verdict.REJECTED_ROWS
+    assert reading.rejected == {2: f"event_type: missing fields ({ERR})"}
+
+
+PAGES = {
+    "html": "<html><body><h1>400 Bad Request</h1></body></html>",
+    "doctype": "<!DOCTYPE html><html><title>Bad Request</title></html>",
+    "upper case, indented": "  <HTML>gateway</HTML>",
+    "head": "<head><title>400</title></head>",
+    "body": "<body>nope</body>",
+}
+NOT_JSON = {"plain text": "Bad Request", "empty": ""}
+
+
+@pytest.mark.parametrize(
+    ("text", "endpoint"),
+    [
+        pytest.param(text, endpoint, id=f"{name} on {endpoint}")
+        for name, text in PAGES.items()
+        for endpoint in ALL_ENDPOINTS
+    ]
+    + [
+        pytest.param(text, endpoint, id=f"{name} on {endpoint}")
+        for name, text in NOT_JSON.items()
+        for endpoint in EVENT_ENDPOINTS
+    ],
+)
+def test_given_a_400_that_is_not_amplitudes_answer_when_read_then_the_endpoint_pauses(
+    text, endpoint
+):
+    """Event APIs answer JSON and form APIs plain text: an HTML page (or, on the event APIs,
+    anything not JSON) is a gateway's, and halving cannot help."""
+    reading = read(answer(400, None, text), request(4), endpoint)
+    assert reading.verdict is Verdict.PAUSE
+    assert reading.reason == (
+        "HTTP 400 with a page that is not Amplitude's answer (a proxy or gateway in the "
+        f"way? check AMPLITUDE_SERVER_URL): {text or 'HTTP 400'}"
+    )
+    assert reading.rejected == {}
+
+
+@pytest.mark.parametrize("endpoint", ALL_ENDPOINTS, ids=str)
+def test_given_a_413_when_read_then_the_request_is_too_large_and_halves(endpoint):
     body = {"code": 413, "error": "Payload too large"}
     reading = read(answer(413, body), request(), endpoint)
-    assert reading.verdict is Verdict.SPLIT
+    assert reading.verdict is Verdict.TOO_LARGE
     assert reading.reason == "HTTP 413: Payload too large"
+    assert reading.rejected == {}
 
 
 # --- 429 ---------------------------------------------------------------------------------------
@@ -275,11 +423,24 @@ def test_given_a_429_when_read_then_the_named_rows_wait_and_the_rest_may_go_on(
 # --- firewall, server errors, no answer, other 4xx ---------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("the_answer", "reason"),
+    [
+        (answer(403, None, "Forbidden"), "Forbidden"),
+        (answer(403, None, "<html>Request blocked</html>"), "<html>Request blocked</html>"),
+        (answer(403, {"code": 403, "error": "Forbidden"}), "Forbidden"),
+        (answer(403, None, ""), "HTTP 403"),
+    ],
+    ids=["text", "html page", "json", "empty"],
+)
 @pytest.mark.parametrize("endpoint", ALL_ENDPOINTS, ids=str)
-def test_given_a_403_when_read_then_the_endpoint_pauses(endpoint):
-    reading = read(answer(403, None, "Forbidden"), request(), endpoint)
-    assert reading.verdict is Verdict.PAUSE
-    assert reading.reason == "HTTP 403 from Amplitude's firewall: Forbidden"
+def test_given_a_403_when_read_then_the_request_is_blocked_and_halves_to_find_the_row(
+    the_answer, reason, endpoint
+):
+    reading = read(the_answer, request(), endpoint)
+    assert reading.verdict is Verdict.BLOCKED
+    assert reading.reason == f"HTTP 403 from Amplitude's firewall: {reason}"
+    assert reading.rejected == {}
 
 
 @pytest.mark.parametrize(

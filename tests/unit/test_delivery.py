@@ -1,5 +1,6 @@
 """Delivery (tasks/delivery/send.py) driven answer by answer: each answer is read with
-amplitude.answers.read, as a send does, and applied to the batch's acknowledgement."""
+amplitude.answers.read and judged, as a send does, and applied to the batch's acknowledgement;
+`drive` is the loop of `deliver` without I/O, its answers scripted."""
 
 from __future__ import annotations
 
@@ -76,6 +77,22 @@ SERVER_ERROR = Answer(500, {"code": 500, "error": "boom"}, "boom")
 NO_ANSWER = Answer(0, None, "no answer from http://amplitude/batch within 30 s")
 BAD_KEY = Answer(400, {"code": 400, "error": "Invalid API key: ***"}, "Invalid API key: ***")
 FORBIDDEN = Answer(403, None, "Forbidden")
+BAD_REQUEST = Answer(400, {"code": 400, "error": "Bad request"}, "Bad request")
+WRONG_PATH = Answer(400, {"code": 400, "error": "Invalid request path"}, "Invalid request path")
+GATEWAY_PAGE = Answer(400, None, "<html><h1>400 Bad Request</h1></html>")
+
+# What each refusal of a row says in its reason, and in the pause it may become.
+BLOCKED_WHY = "HTTP 403 from Amplitude's firewall: Forbidden"
+BAD_REQUEST_WHY = "HTTP 400: Bad request"
+TOO_LARGE_WHY = "HTTP 413: Payload too large"
+BOTH_HALVES = (
+    "(both halves of the request were refused the same way: the request is refused, not a row)"
+)
+
+
+def refusing(bad: set[int], refusal: Answer) -> Callable[[list[Prepared]], Answer]:
+    """A server that refuses every request holding one of the `bad` rows, and takes the rest."""
+    return lambda request: refusal if bad & {i.row_id for i in request} else OK
 
 
 @dataclass
@@ -93,7 +110,9 @@ def drive(
     batch_size: int | None = None,
     pause_for: Callable[[Verdict], float] = lambda verdict: 0.0,
 ) -> Run:
-    """Send the items as `deliver` does, with answers given by a function or in order."""
+    """Send the items as `deliver` does, with answers given by a function or in order;
+    `pause_for` stands for the endpoint's failure tally, asked only on a failure as `deliver`
+    asks it."""
     ack = Acknowledgement(sent=[], failed={}, retry={})
     result = SendResult(kind="event", token="t", endpoint=endpoint)
     rows = rows if rows is not None else [row(i.row_id) for i in items]
@@ -105,8 +124,12 @@ def drive(
         assert len(sent) < 100, "delivery does not end"
         sent.append([i.row_id for i in request])
         answer = queued.pop(0) if queued is not None else answer_for(request)
-        reading = read(answer, request, endpoint)
-        delivery.apply(answer.status, reading, request, pause_for(reading.verdict))
+        reading = delivery.judge(read(answer, request, endpoint))
+        pause = 0.0
+        if reading.verdict in (Verdict.TRANSIENT, Verdict.PAUSE):
+            pause = pause_for(reading.verdict)
+        delivery.apply(answer.status, reading, request, pause)
+    delivery.finish()
     if queued is not None:
         assert queued == [], "answers left unused"
     return Run(ack, result, sent)
@@ -205,10 +228,10 @@ def test_given_a_400_naming_rows_when_delivering_then_they_fail_and_the_rest_is_
 
 @pytest.mark.parametrize(
     "split_answer",
-    [too_large(), Answer(400, {"code": 400, "error": "Bad request"}, "Bad request")],
-    ids=["413", "400 naming no row"],
+    [too_large(), BAD_REQUEST, FORBIDDEN],
+    ids=["413", "400 naming no row", "403"],
 )
-def test_given_a_split_answer_when_delivering_then_the_first_half_goes_first_then_the_second(
+def test_given_a_halving_answer_when_delivering_then_the_first_half_goes_first_then_the_second(
     split_answer,
 ):
     items = [item(i) for i in range(1, 6)]
@@ -234,7 +257,7 @@ def test_given_a_split_answer_when_delivering_then_the_first_half_goes_first_the
     ],
     ids=["one bad row among eight", "first and last bad"],
 )
-def test_given_a_row_that_always_splits_when_delivering_then_it_alone_fails_and_the_rest_go(
+def test_given_a_row_too_large_for_any_request_when_delivering_then_it_alone_fails_and_the_rest_go(
     bad, requests, sent
 ):
     items = [item(i) for i in range(1, 9)]
@@ -249,11 +272,264 @@ def test_given_a_row_that_always_splits_when_delivering_then_it_alone_fails_and_
     assert run.ack.retry == {}
 
 
-def test_given_a_single_row_request_when_split_then_the_row_fails_as_rejected():
-    run = drive([item(1)], [too_large()])
+@pytest.mark.parametrize(
+    ("refusal", "why"),
+    [(too_large(), TOO_LARGE_WHY), (BAD_REQUEST, BAD_REQUEST_WHY)],
+    ids=["413", "400 naming no row"],
+)
+def test_given_a_batch_of_one_row_when_refused_too_large_or_by_a_400_then_the_row_fails_at_once(
+    refusal, why
+):
+    run = drive([item(1)], [refusal])
     assert run.requests == [[1]]
-    assert run.ack.failed == {1: f"{REJECTED} HTTP 413: Payload too large"}
+    assert run.ack.failed == {1: f"{REJECTED} {why}"}
     assert run.ack.sent == [] and run.ack.retry == {}
+    assert run.result.paused is None
+
+
+@pytest.mark.parametrize(
+    ("fits", "requests", "sent"),
+    [
+        (
+            2,
+            [[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4], [1, 2], [3, 4], [5, 6, 7, 8], [5, 6], [7, 8]],
+            [1, 2, 3, 4, 5, 6, 7, 8],
+        ),
+        (
+            1,
+            [
+                [1, 2, 3, 4],
+                [1, 2],
+                [1],
+                [2],
+                [3, 4],
+                [3],
+                [4],
+            ],
+            [1, 2, 3, 4],
+        ),
+    ],
+    ids=["pairs fit: both halves too large twice", "single rows fit"],
+)
+def test_given_413s_for_both_halves_when_delivering_then_halving_goes_on_without_a_pause(
+    fits, requests, sent
+):
+    """Two halves both too large are no sign of a refused request: 413 has no twin rule."""
+    items = [item(i) for i in range(1, len(sent) + 1)]
+    run = drive(items, lambda request: too_large() if len(request) > fits else OK)
+    assert run.requests == requests
+    assert run.ack.sent == sent
+    assert run.ack.failed == {} and run.ack.retry == {}
+    assert run.result.paused is None
+
+
+def test_given_every_row_too_large_alone_when_delivering_then_each_fails_and_nothing_pauses():
+    items = [item(i) for i in range(1, 5)]
+    run = drive(items, lambda request: too_large())
+    assert run.requests == [[1, 2, 3, 4], [1, 2], [1], [2], [3, 4], [3], [4]]
+    assert run.ack.failed == {i: f"{REJECTED} {TOO_LARGE_WHY}" for i in range(1, 5)}
+    assert run.ack.sent == [] and run.ack.retry == {}
+    assert run.result.paused is None
+    assert run.result.answers == {"413": 7}
+
+
+# --- refused requests: a row, or the whole request? ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("refusal", "n", "batch_size", "requests"),
+    [
+        (BAD_REQUEST, 2, None, [[1, 2], [1], [2]]),
+        (BAD_REQUEST, 8, None, [[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4], [1, 2], [1], [2]]),
+        (BAD_REQUEST, 5, None, [[1, 2, 3, 4, 5], [1, 2], [1], [2]]),
+        (BAD_REQUEST, 7, 3, [[1, 2, 3], [1], [2, 3]]),
+        (FORBIDDEN, 2, None, [[1, 2], [1], [2]]),
+        (FORBIDDEN, 8, None, [[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4], [1, 2], [1], [2]]),
+        (FORBIDDEN, 7, 3, [[1, 2, 3], [1], [2, 3]]),
+    ],
+    ids=[
+        "400, two rows",
+        "400, eight rows",
+        "400, five rows",
+        "400, three requests",
+        "403, two rows",
+        "403, eight rows",
+        "403, three requests",
+    ],
+)
+def test_given_every_request_refused_the_same_way_when_delivering_then_the_endpoint_pauses_and_no_row_fails(
+    refusal, n, batch_size, requests
+):
+    """A 400 naming no row or a 403 for every request (a region block, a proxy) is the request's
+    fault, not a row's: once a half and its twin are refused alike, everything waits the pause
+    out with its attempt given back, even rows at their last attempt."""
+    attempts = {i: (MAX_ATTEMPTS if i % 2 else 1) for i in range(1, n + 1)}
+    items = [item(i) for i in attempts]
+    rows = [row(i, a) for i, a in attempts.items()]
+    run = drive(
+        items,
+        lambda request: refusal,
+        rows=rows,
+        batch_size=batch_size,
+        pause_for=lambda verdict: 90.0,
+    )
+    why = BLOCKED_WHY if refusal is FORBIDDEN else BAD_REQUEST_WHY
+    assert run.requests == requests
+    assert run.ack.sent == [] and run.ack.failed == {}
+    ((key, ids),) = run.ack.retry.items()
+    assert sorted(ids) == list(range(1, n + 1))
+    assert key == (90.0, True, f"{RETRYING} batch paused: {why} {BOTH_HALVES}")
+    assert run.result.paused == f"{why} {BOTH_HALVES}"
+
+
+@pytest.mark.parametrize(
+    ("refusal", "reason"),
+    [
+        (WRONG_PATH, "HTTP 400 for the whole request, not a row: Invalid request path"),
+        (GATEWAY_PAGE, "HTTP 400 with a page that is not Amplitude's answer"),
+        (
+            Answer(400, {"code": 400, "error": "Missing field", "missing_field": "api_key"}, "x"),
+            "HTTP 400: the request lacks api_key",
+        ),
+    ],
+    ids=["invalid request path", "a gateway's HTML 400", "missing_field naming no event"],
+)
+def test_given_a_400_about_the_request_when_delivering_then_the_endpoint_pauses_at_once_failing_none(
+    refusal, reason
+):
+    items = [item(i) for i in range(1, 7)]
+    rows = [row(i, MAX_ATTEMPTS) for i in range(1, 7)]
+    run = drive(items, [OK, refusal], rows=rows, batch_size=2, pause_for=lambda verdict: 30.0)
+    assert run.requests == [[1, 2], [3, 4]]
+    assert run.ack.sent == [1, 2] and run.ack.failed == {}
+    ((key, ids),) = run.ack.retry.items()
+    assert sorted(ids) == [3, 4, 5, 6]
+    assert key[:2] == (30.0, True)
+    assert key[2].startswith(f"{RETRYING} batch paused: {reason}")
+    assert run.result.paused is not None and run.result.paused.startswith(reason)
+
+
+# One bad row in a batch of eight sent as one request: the halves that hold it are refused, the
+# others taken. For rows 2, 4, 6, 8 the row is the second of its last pair: its twin was taken
+# before it was refused, so it fails at once.
+
+
+@pytest.mark.parametrize("refusal", [BAD_REQUEST, FORBIDDEN], ids=["400 naming no row", "403"])
+@pytest.mark.parametrize(
+    "bad",
+    list(range(1, 9)),
+    ids=[f"row {b}" for b in range(1, 9)],
+)
+def test_given_one_refused_row_among_good_ones_when_delivering_then_exactly_it_fails_with_the_refusal(
+    bad, refusal
+):
+    items = [item(i) for i in range(1, 9)]
+    run = drive(items, refusing({bad}, refusal))
+    why = BLOCKED_WHY if refusal is FORBIDDEN else BAD_REQUEST_WHY
+    assert run.ack.failed == {bad: f"{REJECTED} {why}"}
+    assert sorted(run.ack.sent) == [i for i in range(1, 9) if i != bad]
+    assert run.ack.retry == {}
+    assert run.result.paused is None
+    assert_every_row_once(run, list(range(1, 9)))
+
+
+@pytest.mark.parametrize("refusal", [BAD_REQUEST, FORBIDDEN], ids=["400 naming no row", "403"])
+@pytest.mark.parametrize("bad", [{1, 7}, {3, 5}], ids=["rows 1 and 7", "rows 3 and 5"])
+def test_given_two_refused_rows_in_different_halves_when_delivering_then_both_fail_and_none_pauses(
+    bad, refusal
+):
+    items = [item(i) for i in range(1, 9)]
+    run = drive(items, refusing(bad, refusal))
+    why = BLOCKED_WHY if refusal is FORBIDDEN else BAD_REQUEST_WHY
+    assert run.result.paused is None
+    assert run.ack.failed == {b: f"{REJECTED} {why}" for b in bad}
+    assert sorted(run.ack.sent) == [i for i in range(1, 9) if i not in bad]
+
+
+@pytest.mark.parametrize("refusal", [BAD_REQUEST, FORBIDDEN], ids=["400 naming no row", "403"])
+def test_given_a_held_row_when_its_twin_is_taken_then_the_held_row_fails_and_the_rest_is_sent(
+    refusal,
+):
+    """Row 1 is refused alone while its twin [2] is unanswered: it waits for [2], which is
+    taken, so row 1 is the refused one."""
+    items = [item(i) for i in range(1, 5)]
+    run = drive(items, refusing({1}, refusal))
+    why = BLOCKED_WHY if refusal is FORBIDDEN else BAD_REQUEST_WHY
+    assert run.requests == [[1, 2, 3, 4], [1, 2], [1], [2], [3, 4]]
+    assert run.ack.failed == {1: f"{REJECTED} {why}"}
+    assert run.ack.sent == [2, 3, 4]
+    assert run.ack.retry == {}
+
+
+def test_given_a_held_row_when_its_twin_fails_transiently_then_it_retries_refunded_not_failed():
+    """A 500 for the twin says nothing of the held row: it is undecided, so it waits with the
+    rest of the batch, its attempt given back."""
+    items = [item(i) for i in range(1, 5)]
+    run = drive(items, [BAD_REQUEST, BAD_REQUEST, BAD_REQUEST, SERVER_ERROR])
+    assert run.requests == [[1, 2, 3, 4], [1, 2], [1], [2]]
+    assert run.ack.failed == {} and run.ack.sent == []
+    r = retried(run.ack)
+    assert set(r) == {1, 2, 3, 4}
+    assert r[2][1] is False and r[2][2] == f"{RETRYING} attempt 1: HTTP 500: boom"
+    for row_id in (1, 3, 4):
+        assert r[row_id][1] is True
+        assert r[row_id][2] == f"{RETRYING} an earlier request of the batch failed: HTTP 500: boom"
+
+
+@pytest.mark.parametrize("refusal", [BAD_REQUEST, FORBIDDEN], ids=["400 naming no row", "403"])
+def test_given_a_held_row_whose_twin_never_answers_when_the_batch_ends_then_finish_retries_it_counted(
+    refusal,
+):
+    """Row 1 is refused alone and waits for its twin [2]; the batch ends before [2] is answered,
+    so nothing decides row 1: finish() sends it back after a backoff, its attempt counted, to be
+    isolated again next time (neither failed nor paused)."""
+    ack = Acknowledgement(sent=[], failed={}, retry={})
+    result = SendResult(kind="event", token="t", endpoint=Endpoint.BATCH)
+    delivery = Delivery(settings(), Endpoint.BATCH, ack, [row(1), row(2)], result)
+    delivery.plan([item(1), item(2)])
+    for expected in ([1, 2], [1]):
+        request = delivery.next_request()
+        assert request is not None and [i.row_id for i in request] == expected
+        reading = delivery.judge(read(refusal, request, Endpoint.BATCH))
+        assert reading.verdict in (Verdict.SPLIT, Verdict.BLOCKED)
+        delivery.apply(refusal.status, reading, request, 0.0)
+    assert ack.failed == {} and ack.retry == {}  # row 1 is held, undecided
+    delivery.finish()
+    why = BLOCKED_WHY if refusal is FORBIDDEN else BAD_REQUEST_WHY
+    ((delay, refund, reason),) = ack.retry
+    assert ack.retry[(delay, refund, reason)] == [1]
+    assert 0.5 * top(1) <= delay <= top(1)
+    assert refund is False
+    assert reason == f"{RETRYING} {REJECTED} {why}"
+    assert ack.failed == {} and ack.sent == []
+    assert result.paused is None
+    delivery.finish()  # a second finish retries nothing more
+    assert sum(len(ids) for ids in ack.retry.values()) == 1
+
+
+@pytest.mark.parametrize(
+    ("attempts", "outcome"),
+    [(1, "retry"), (MAX_ATTEMPTS - 1, "retry"), (MAX_ATTEMPTS, "gave up")],
+    ids=["first attempt", "last before giving up", "out of attempts"],
+)
+def test_given_a_403_for_a_batch_of_one_row_when_delivering_then_it_retries_as_transient(
+    attempts, outcome
+):
+    """No twin can tell the firewall's row from a region block: the row retries with backoff,
+    its attempt counted, and gives up at the maximum; the endpoint does not pause."""
+    run = drive([item(1)], [FORBIDDEN], rows=[row(1, attempts)], pause_for=lambda verdict: 60.0)
+    assert run.requests == [[1]]
+    assert run.ack.sent == []
+    assert run.result.paused is None
+    if outcome == "gave up":
+        assert run.ack.failed == {1: f"{GAVE_UP} {MAX_ATTEMPTS} attempts: {BLOCKED_WHY}"}
+        assert run.ack.retry == {}
+    else:
+        assert run.ack.failed == {}
+        ((delay, refund, reason),) = run.ack.retry
+        assert 0.5 * top(attempts) <= delay <= top(attempts)
+        assert refund is False
+        assert reason == f"{RETRYING} attempt {attempts}: {BLOCKED_WHY}"
 
 
 # --- 429 ---------------------------------------------------------------------------------------
@@ -422,24 +698,43 @@ def test_given_an_earlier_request_sent_when_a_later_one_fails_then_the_sent_rows
 
 
 @pytest.mark.parametrize(
-    ("failure", "pause", "reason"),
+    ("failure", "pause", "reason", "requests"),
     [
-        (BAD_KEY, 120.0, "Amplitude rejected the API key"),
-        (FORBIDDEN, 60.0, "HTTP 403 from Amplitude's firewall: Forbidden"),
-        (Answer(404, None, "Not Found"), 30.0, "HTTP 404 from batch: Not Found"),
-        (SERVER_ERROR, 45.0, "HTTP 500: boom"),
-        (NO_ANSWER, 45.0, NO_ANSWER.text),
+        (BAD_KEY, 120.0, "Amplitude rejected the API key", [[1, 2], [3, 4]]),
+        (
+            FORBIDDEN,
+            60.0,
+            f"{BLOCKED_WHY} {BOTH_HALVES}",
+            [[1, 2], [3, 4], [3], [4]],
+        ),
+        (WRONG_PATH, 60.0, "HTTP 400 for the whole request, not a row", [[1, 2], [3, 4]]),
+        (Answer(404, None, "Not Found"), 30.0, "HTTP 404 from batch: Not Found", [[1, 2], [3, 4]]),
+        (SERVER_ERROR, 45.0, "HTTP 500: boom", [[1, 2], [3, 4]]),
+        (NO_ANSWER, 45.0, NO_ANSWER.text, [[1, 2], [3, 4]]),
     ],
-    ids=["invalid api key", "403", "404", "500 past the threshold", "no answer past threshold"],
+    ids=[
+        "invalid api key",
+        "403 for both halves",
+        "invalid request path",
+        "404",
+        "500 past the threshold",
+        "no answer past threshold",
+    ],
 )
 def test_given_the_endpoint_pauses_when_delivering_then_everything_left_waits_out_the_pause_refunded(
-    failure, pause, reason
+    failure, pause, reason, requests
 ):
     attempts = {1: 1, 2: MAX_ATTEMPTS, 3: 2, 4: MAX_ATTEMPTS + 1, 5: 1, 6: 1}
     items = [item(i) for i in attempts]
     rows = [row(i, n) for i, n in attempts.items()]
-    run = drive(items, [OK, failure], rows=rows, batch_size=2, pause_for=lambda verdict: pause)
-    assert run.requests == [[1, 2], [3, 4]]
+    run = drive(
+        items,
+        lambda request: OK if request[0].row_id in (1, 2) else failure,
+        rows=rows,
+        batch_size=2,
+        pause_for=lambda verdict: pause,
+    )
+    assert run.requests == requests
     assert run.ack.sent == [1, 2]
     assert run.ack.failed == {}  # not even rows at max attempts give up during a pause
     ((key, ids),) = run.ack.retry.items()
@@ -451,12 +746,26 @@ def test_given_the_endpoint_pauses_when_delivering_then_everything_left_waits_ou
     assert run.result.paused is not None and run.result.paused.startswith(reason)
 
 
-def test_given_a_pause_verdict_with_no_pause_time_when_delivering_then_rows_still_wait_refunded():
-    run = drive([item(1), item(2)], [FORBIDDEN])
+@pytest.mark.parametrize(
+    ("answers", "reason"),
+    [
+        (
+            [Answer(404, None, "Not Found")],
+            "HTTP 404 from batch: Not Found (check AMPLITUDE_SERVER_URL)",
+        ),
+        ([FORBIDDEN] * 3, f"{BLOCKED_WHY} {BOTH_HALVES}"),
+    ],
+    ids=["404", "403 for both halves"],
+)
+def test_given_a_pause_verdict_with_no_pause_time_when_delivering_then_rows_still_wait_refunded(
+    answers, reason
+):
+    run = drive([item(1), item(2)], answers)
     ((key, ids),) = run.ack.retry.items()
     assert key[0] == 0.0 and key[1] is True
     assert sorted(ids) == [1, 2]
-    assert run.result.paused == "HTTP 403 from Amplitude's firewall: Forbidden"
+    assert run.ack.failed == {}
+    assert run.result.paused == reason
 
 
 # --- counting ----------------------------------------------------------------------------------
@@ -505,3 +814,23 @@ def test_given_retries_when_recorded_then_same_delay_refund_and_reason_share_one
 )
 def test_given_an_item_when_keyed_then_its_user_and_device_are_its_keys(user, device, expected):
     assert keys(Prepared(1, b"{}", user, device)) == expected
+
+
+# --- retried rows come due together --------------------------------------------------------------
+
+
+def test_given_a_5xx_for_a_request_of_rows_with_one_attempt_count_when_delivering_then_they_share_one_delay():
+    """Rows retried with a delay each (jitter per row) came due one by one and went out one or
+    two per request; one delay per request lets them rejoin a full batch."""
+    items = [item(i) for i in range(1, 41)]
+    run = drive(items, [SERVER_ERROR])
+    (key,) = run.ack.retry  # one delay, one reason, not refunded: all forty rows under it
+    assert key[1] is False and sorted(run.ack.retry[key]) == list(range(1, 41))
+
+
+def test_given_rows_with_different_attempt_counts_when_a_5xx_comes_then_each_count_has_its_own_delay():
+    items = [item(i) for i in range(1, 7)]
+    rows = [row(i, attempts=1 if i <= 3 else 4) for i in range(1, 7)]
+    run = drive(items, [SERVER_ERROR], rows=rows)
+    by_delay = {key[0]: sorted(ids) for key, ids in run.ack.retry.items()}
+    assert sorted(by_delay.values()) == [[1, 2, 3], [4, 5, 6]]

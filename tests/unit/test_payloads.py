@@ -5,11 +5,21 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta, timezone
+from importlib.metadata import PackageNotFoundError, version
+from urllib.parse import quote_plus
 
 import pytest
 
-from tasks.amplitude.limits import MAX_ITEMS, Endpoint
-from tasks.amplitude.payloads import ROW_COLUMNS, Builder, Prepared, Row, epoch_ms, pack
+from tasks.amplitude.limits import MAX_GROUP_PROPERTIES, MAX_ITEMS, Endpoint
+from tasks.amplitude.payloads import (
+    LIBRARY,
+    ROW_COLUMNS,
+    Builder,
+    Prepared,
+    Row,
+    epoch_ms,
+    pack,
+)
 from tasks.outcomes import INVALID
 
 # --- pack --------------------------------------------------------------------------------------
@@ -81,6 +91,61 @@ def test_given_items_when_packed_by_bytes_then_each_run_stays_under_the_limit_mi
 ):
     given = [Prepared(n, b"x" * size, None, f"dev-{n}") for n, size in enumerate(sizes)]
     assert ids(list(pack(given, Endpoint.BATCH, 2000, max_bytes))) == expected
+
+
+@pytest.mark.parametrize("endpoint", [Endpoint.IDENTIFY, Endpoint.GROUP_IDENTIFY], ids=str)
+@pytest.mark.parametrize(
+    ("wire", "expected"),
+    [
+        ([99] * 7, [[0, 1, 2], [3, 4, 5], [6]]),
+        ([99, 99, 100], [[0, 1], [2]]),
+        ([249, 49, 49], [[0, 1], [2]]),
+        ([999, 9], [[0], [1]]),
+    ],
+    ids=["three per run", "one byte over", "mixed sizes", "oversized item alone"],
+)
+def test_given_form_items_when_packed_by_bytes_then_their_url_encoded_size_counts_not_the_json(
+    endpoint, wire, expected
+):
+    # Each blob is 9 bytes of JSON: by its JSON every item would fit in one run.
+    given = [Prepared(n, b"x" * 9, f"user-{n}", None, size=w) for n, w in enumerate(wire)]
+    assert ids(list(pack(given, endpoint, 1024, 500))) == expected
+
+
+@pytest.mark.parametrize(
+    ("properties", "expected"),
+    [
+        ([512, 512, 512], [[0, 1], [2]]),
+        ([600, 600], [[0], [1]]),
+        ([1000, 24, 1], [[0, 1], [2]]),
+        ([MAX_GROUP_PROPERTIES + 50, 1, 1], [[0], [1, 2]]),
+        ([1] * 1030, [list(range(1024)), list(range(1024, 1030))]),
+        ([0] * 3, [[0, 1, 2]]),
+    ],
+    ids=[
+        "two of 512 fill a request",
+        "one over the limit goes to the next",
+        "exactly 1024",
+        "an item over the limit goes alone",
+        "one property each: the row count caps first",
+        "no count given",
+    ],
+)
+def test_given_group_rows_when_packed_for_groupidentify_then_a_request_holds_at_most_1024_group_properties(
+    properties, expected
+):
+    given = [Prepared(n, b"{}", None, None, properties=k) for n, k in enumerate(properties)]
+    assert ids(list(pack(given, Endpoint.GROUP_IDENTIFY, 5000))) == expected
+
+
+@pytest.mark.parametrize("endpoint", [Endpoint.IDENTIFY, Endpoint.BATCH, Endpoint.HTTP_V2], ids=str)
+def test_given_a_property_count_when_packed_for_another_endpoint_then_it_is_not_limited(endpoint):
+    given = [Prepared(n, b"{}", f"user-{n}", None, properties=600) for n in range(3)]
+    assert ids(list(pack(given, endpoint, 5000))) == [[0, 1, 2]]
+
+
+def test_given_the_documented_group_property_limit_then_it_is_1024():
+    assert MAX_GROUP_PROPERTIES == 1024
 
 
 def test_given_no_byte_limit_when_packed_then_the_endpoints_own_ceiling_applies():
@@ -160,6 +225,7 @@ def builder(endpoint: str = Endpoint.BATCH, min_id_length: int = 5) -> Builder:
                 "time": epoch_ms(CREATED),
                 "insert_id": f"ampsync-1-{epoch_ms(CREATED)}",
                 "user_properties": {"$set": {"plan": "gold"}},
+                "library": LIBRARY,
             },
         ),
         (
@@ -167,9 +233,9 @@ def builder(endpoint: str = Endpoint.BATCH, min_id_length: int = 5) -> Builder:
             {"user_id": "user-0001", "user_properties": {"$set": {"plan": "gold"}}},
         ),
     ],
-    ids=["as an $identify event", "through the form API"],
+    ids=["as an $identify event naming ampsync", "through the form API, no library"],
 )
-def test_given_a_valid_identify_row_when_prepared_then_it_becomes_one_item_setting_its_properties(
+def test_given_a_valid_identify_row_when_prepared_then_it_sets_its_properties_and_an_event_names_ampsync(
     endpoint, expected
 ):
     prepared = builder(endpoint).prepare([make_row()])
@@ -300,3 +366,178 @@ def test_given_a_row_too_large_for_one_request_when_prepared_then_it_fails_as_in
 def test_given_the_documented_limits_then_pack_caps_form_apis_at_1024_and_event_apis_at_2000():
     """Guards the count cases above: they assume these documented limits."""
     assert MAX_ITEMS == {"http_v2": 2000, "batch": 2000, "identify": 1024, "groupidentify": 1024}
+
+
+# --- who sent it: library ----------------------------------------------------------------------
+
+
+def test_given_the_installed_package_then_library_is_ampsync_slash_its_version():
+    try:
+        expected = version("ampsync")
+    except PackageNotFoundError:
+        expected = "0"
+    assert f"ampsync/{expected}" == LIBRARY
+
+
+GROUP = {"kind": "group_identify", "group_type": "org", "group_value": "acme-01"}
+EVENT = {"kind": "event", "event_type": "Signed Up"}
+
+
+@pytest.mark.parametrize(
+    ("values", "endpoint", "event_type"),
+    [
+        (EVENT, Endpoint.BATCH, "Signed Up"),
+        (EVENT, Endpoint.HTTP_V2, "Signed Up"),
+        ({}, Endpoint.BATCH, "$identify"),
+        ({}, Endpoint.HTTP_V2, "$identify"),
+        (GROUP, Endpoint.BATCH, "$groupidentify"),
+        (GROUP, Endpoint.HTTP_V2, "$groupidentify"),
+    ],
+    ids=[
+        "event, batch",
+        "event, http_v2",
+        "identify, batch",
+        "identify, http_v2",
+        "group, batch",
+        "group, http_v2",
+    ],
+)
+def test_given_a_row_sent_as_an_event_when_prepared_then_it_names_ampsync_as_its_library(
+    values, endpoint, event_type
+):
+    prepared = builder(endpoint).prepare([make_row(3, **values)])
+    assert prepared.invalid == {}
+    blob = json.loads(prepared.items[0].blob)
+    assert blob["event_type"] == event_type
+    assert blob["library"] == LIBRARY
+
+
+@pytest.mark.parametrize(
+    ("values", "endpoint"),
+    [({}, Endpoint.IDENTIFY), (GROUP, Endpoint.GROUP_IDENTIFY)],
+    ids=["identify", "groupidentify"],
+)
+def test_given_a_row_sent_through_a_form_api_when_prepared_then_it_is_an_identification_without_library(
+    values, endpoint
+):
+    prepared = builder(endpoint).prepare([make_row(3, **values)])
+    assert prepared.invalid == {}
+    blob = json.loads(prepared.items[0].blob)
+    assert "library" not in blob and "event_type" not in blob and "insert_id" not in blob
+
+
+def test_given_a_row_whose_extra_sets_library_when_prepared_then_the_rows_value_wins():
+    prepared = builder().prepare([make_row(3, **EVENT, extra='{"library": "crm-export/2"}')])
+    assert json.loads(prepared.items[0].blob)["library"] == "crm-export/2"
+
+
+# --- group rows: $groupidentify events or form identifications ---------------------------------
+
+
+@pytest.mark.parametrize("endpoint", [Endpoint.BATCH, Endpoint.HTTP_V2], ids=str)
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (
+            {"properties": '{"plan": "gold", "$add": {"seats": 3}}'},
+            {
+                "event_type": "$groupidentify",
+                "user_id": "user-0001",
+                "groups": {"org": "acme-01"},
+                "group_properties": {"$add": {"seats": 3}, "$set": {"plan": "gold"}},
+                "time": epoch_ms(CREATED),
+                "insert_id": f"ampsync-5-{epoch_ms(CREATED)}",
+                "library": LIBRARY,
+            },
+        ),
+        (
+            {
+                "user_id": None,
+                "insert_id": "grp-42",
+                "event_time": datetime(2025, 6, 1, 10),
+            },
+            {
+                "event_type": "$groupidentify",
+                "groups": {"org": "acme-01"},
+                "group_properties": {"$set": {"plan": "gold"}},
+                "time": epoch_ms(datetime(2025, 6, 1, 10)),
+                "insert_id": "grp-42",
+                "library": LIBRARY,
+            },
+        ),
+    ],
+    ids=["with a user, operations beside plain keys", "no user nor device, own insert_id and time"],
+)
+def test_given_a_group_row_through_an_event_api_when_prepared_then_it_is_a_groupidentify_event_with_its_insert_id(
+    values, expected, endpoint
+):
+    prepared = builder(endpoint).prepare([make_row(5, **GROUP, **values)])
+    assert prepared.invalid == {}
+    (one,) = prepared.items
+    assert json.loads(one.blob) == expected
+    assert (one.size, one.properties) == (0, 0)
+    assert one.wire_size == len(one.blob)
+
+
+def test_given_a_group_row_sent_twice_when_prepared_then_its_insert_id_is_the_same():
+    """A re-send after a 500 carries the same insert_id: Amplitude applies it once."""
+    first = builder().prepare([make_row(5, **GROUP)]).items[0]
+    again = builder().prepare([make_row(5, **GROUP, attempts=2)]).items[0]
+    assert json.loads(first.blob)["insert_id"] == json.loads(again.blob)["insert_id"]
+
+
+def test_given_a_group_row_through_the_form_api_when_prepared_then_it_stays_an_identification():
+    row = make_row(5, **GROUP, properties='{"plan": "gold", "$add": {"seats": 3, "bots": 1}}')
+    (one,) = builder(Endpoint.GROUP_IDENTIFY).prepare([row]).items
+    assert json.loads(one.blob) == {
+        "group_type": "org",
+        "group_value": "acme-01",
+        "group_properties": {"$add": {"seats": 3, "bots": 1}, "$set": {"plan": "gold"}},
+    }
+    assert one.properties == 3
+    assert one.size == len(quote_plus(one.blob)) > len(one.blob)
+    assert one.wire_size == one.size
+
+
+@pytest.mark.parametrize(
+    ("properties", "count"),
+    [
+        ('{"a": 1}', 1),
+        ('{"a": 1, "b": 2, "c": 3}', 3),
+        ('{"$setOnce": {"a": 1}, "$unset": {"b": "-", "c": "-"}}', 3),
+        ('{"a": 1, "$append": {"tags": "x"}}', 2),
+    ],
+    ids=["one plain key", "three plain keys", "operations", "plain and operation"],
+)
+def test_given_a_group_row_for_groupidentify_when_prepared_then_its_group_properties_are_counted(
+    properties, count
+):
+    (one,) = (
+        builder(Endpoint.GROUP_IDENTIFY)
+        .prepare([make_row(5, **GROUP, properties=properties)])
+        .items
+    )
+    assert one.properties == count
+
+
+def test_given_an_identify_row_for_the_form_api_when_prepared_then_its_size_is_url_encoded():
+    (one,) = builder(Endpoint.IDENTIFY).prepare([make_row(1, properties='{"a b": "c&d"}')]).items
+    assert one.size == len(quote_plus(one.blob))
+    assert one.properties == 0
+
+
+# --- $skip_user_properties_sync -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "endpoint"),
+    [(EVENT, Endpoint.BATCH), (EVENT, Endpoint.HTTP_V2), ({}, Endpoint.BATCH)],
+    ids=["event, batch", "event, http_v2", "identify as $identify"],
+)
+def test_given_extra_sets_skip_user_properties_sync_when_prepared_then_the_item_carries_it(
+    values, endpoint
+):
+    row = make_row(2, **values, extra='{"$skip_user_properties_sync": true}')
+    prepared = builder(endpoint).prepare([row])
+    assert prepared.invalid == {}
+    assert json.loads(prepared.items[0].blob)["$skip_user_properties_sync"] is True

@@ -239,39 +239,46 @@ def test_given_any_allowed_lease_when_limiting_a_send_then_the_limit_ends_before
 
 
 @pytest.mark.parametrize(
-    ("kind", "event_api", "identify_api", "expected"),
+    ("kind", "event_api", "identify_api", "group_api", "expected"),
     [
-        (Kind.EVENT, "batch", "batch", "batch"),
-        (Kind.EVENT, "http_v2", "batch", "http_v2"),
-        (Kind.EVENT, "batch", "identify", "batch"),
-        (Kind.IDENTIFY, "batch", "batch", "batch"),
-        (Kind.IDENTIFY, "batch", "http_v2", "http_v2"),
-        (Kind.IDENTIFY, "http_v2", "identify", "identify"),
-        (Kind.GROUP_IDENTIFY, "batch", "batch", "groupidentify"),
-        (Kind.GROUP_IDENTIFY, "http_v2", "identify", "groupidentify"),
-        ("event", "http_v2", "batch", "http_v2"),
-        ("identify", "batch", "identify", "identify"),
-        ("group_identify", "http_v2", "http_v2", "groupidentify"),
+        (Kind.EVENT, "batch", "batch", "batch", "batch"),
+        (Kind.EVENT, "http_v2", "batch", "batch", "http_v2"),
+        (Kind.EVENT, "batch", "identify", "groupidentify", "batch"),
+        (Kind.IDENTIFY, "batch", "batch", "batch", "batch"),
+        (Kind.IDENTIFY, "batch", "http_v2", "batch", "http_v2"),
+        (Kind.IDENTIFY, "http_v2", "identify", "http_v2", "identify"),
+        (Kind.GROUP_IDENTIFY, "batch", "batch", "batch", "batch"),
+        (Kind.GROUP_IDENTIFY, "batch", "batch", "http_v2", "http_v2"),
+        (Kind.GROUP_IDENTIFY, "http_v2", "identify", "groupidentify", "groupidentify"),
+        ("event", "http_v2", "batch", "batch", "http_v2"),
+        ("identify", "batch", "identify", "batch", "identify"),
+        ("group_identify", "http_v2", "http_v2", "batch", "batch"),
     ],
     ids=[
         "event default: batch",
         "event through http_v2",
-        "event ignores identify_api",
+        "event ignores identify_api and group_identify_api",
         "identify default: batch",
         "identify through http_v2",
         "identify through the form API, ignoring event_api",
-        "group always groupidentify",
-        "group ignores both settings",
+        "group default: $groupidentify events through batch",
+        "group through http_v2",
+        "group through the form API, ignoring the others",
         "event as str",
         "identify as str",
         "group as str",
     ],
 )
 def test_given_kind_and_settings_when_routing_then_each_kind_goes_to_its_endpoint(
-    kind, event_api, identify_api, expected
+    kind, event_api, identify_api, group_api, expected
 ):
-    s = Settings(_env_file=None, AMPSYNC_EVENT_API=event_api, AMPSYNC_IDENTIFY_API=identify_api)
-    assert policy.endpoint_for(kind, s.event_api, s.identify_api) == expected
+    s = Settings(
+        _env_file=None,
+        AMPSYNC_EVENT_API=event_api,
+        AMPSYNC_IDENTIFY_API=identify_api,
+        AMPSYNC_GROUP_IDENTIFY_API=group_api,
+    )
+    assert policy.endpoint_for(kind, s) == expected
 
 
 # --- where the next claim starts ---------------------------------------------------------------
