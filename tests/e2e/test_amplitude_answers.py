@@ -8,19 +8,10 @@ import json
 import time
 
 from sqlalchemy import update
-from support import event, group, identify
+from support import event, group, identify, poll_until
 
 from tasks import outcomes
 from tasks.db import sql
-
-
-def _wait_until(check, timeout: float = 20.0, step: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(step)
 
 
 def _paused(stack) -> list[dict]:
@@ -41,10 +32,10 @@ def test_given_a_gateway_answering_an_html_400_page_when_rows_are_sent_then_none
     ids = stack.insert([identify(f"user-{n:05d}", {"CRM_Level": n}) for n in range(40)])
     # when a sync sends them
     stack.sync()
-    paused = _wait_until(lambda: _paused(stack))
+    paused = poll_until(lambda: _paused(stack))
     # then the endpoint pauses with the reason; no row fails and none spends an attempt
     assert paused and "not Amplitude's answer" in paused[0]["reason"]
-    assert _wait_until(lambda: stack.counts() == {"pending": 40}), stack.counts()
+    assert poll_until(lambda: stack.counts() == {"pending": 40}), stack.counts()
     rows = stack.rows(*ids).values()
     assert all(r["attempts"] == 0 and "paused" in (r["last_error"] or "") for r in rows)
 
@@ -56,7 +47,7 @@ def test_given_a_gateway_that_recovers_when_the_pause_ends_then_every_row_is_del
     stack.emulator.set_faults(gateway_html_400_rate=1.0)
     stack.insert([identify(f"user-{n:05d}", {"CRM_Level": n}) for n in range(20)])
     stack.sync()
-    assert _wait_until(lambda: _paused(stack))
+    assert poll_until(lambda: _paused(stack))
     stack.emulator.set_faults(gateway_html_400_rate=0.0)
     # when syncs go on, then every row arrives and none failed
     assert stack.drain(timeout=60) == {"sent": 20}
@@ -92,10 +83,10 @@ def test_given_a_firewall_blocking_every_request_when_rows_are_sent_then_none_fa
     stack.insert([event(f"user-{n:05d}", "Order Picked Up") for n in range(16)])
     # when a sync sends them
     stack.sync()
-    paused = _wait_until(lambda: _paused(stack))
+    paused = poll_until(lambda: _paused(stack))
     # then the endpoint pauses and every row waits, none failed
     assert paused and "403" in paused[0]["reason"]
-    assert _wait_until(lambda: stack.counts() == {"pending": 16}), stack.counts()
+    assert poll_until(lambda: stack.counts() == {"pending": 16}), stack.counts()
 
 
 def test_given_group_adds_and_500s_after_ingest_when_drained_then_each_add_is_applied_once(

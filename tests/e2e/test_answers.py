@@ -6,18 +6,9 @@ import json
 import time
 
 import pytest
-from support import API_KEY, event, identify
+from support import API_KEY, event, identify, poll_until
 
 from tasks import outcomes
-
-
-def _wait_until(check, timeout: float = 20.0, step: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(step)
 
 
 def test_a_400_naming_event_indexes_fails_those_rows_and_delivers_the_rest(pg):
@@ -66,10 +57,10 @@ def test_an_invalid_api_key_pauses_the_endpoint_and_spends_no_attempts(make_stac
     ids = stack.insert([identify(f"user-{n:05d}", {"CRM_Level": n}) for n in range(5)])
     # when a sync sends them
     stack.sync()
-    paused = _wait_until(lambda: [e for e in stack_endpoints(stack) if e["paused"]])
+    paused = poll_until(lambda: [e for e in stack_endpoints(stack) if e["paused"]])
     # then the endpoint is paused with the reason, rows stay pending with their attempts intact
     assert paused and "API key" in paused[0]["reason"]
-    assert _wait_until(lambda: stack.counts() == {"pending": 5})
+    assert poll_until(lambda: stack.counts() == {"pending": 5})
     rows = stack.rows(*ids).values()
     assert all(r["attempts"] == 0 for r in rows)
     assert all("paused" in (r["last_error"] or "") for r in rows)
@@ -118,7 +109,7 @@ def test_a_429_holds_back_only_the_throttled_users_rows(pg):
     # when a sync sends them
     pg.sync()
     # then the other user's row is sent at once and the throttled rows wait without an attempt
-    assert _wait_until(lambda: pg.rows(ids[1])[ids[1]]["status"] == "sent")
+    assert poll_until(lambda: pg.rows(ids[1])[ids[1]]["status"] == "sent")
     hot = pg.rows(ids[0], ids[2])
     assert all(r["status"] in ("pending", "in_flight", "sent") for r in hot.values())
     waited = [r for r in hot.values() if r["status"] == "pending"]
@@ -137,8 +128,8 @@ def test_users_over_the_daily_quota_wait_and_are_retried_later(pg):
         ]
     )
     pg.sync()
-    assert _wait_until(lambda: pg.rows(ids[1])[ids[1]]["status"] == "sent")
-    busy = _wait_until(lambda: (r := pg.rows(ids[0])[ids[0]])["status"] == "pending" and r)
+    assert poll_until(lambda: pg.rows(ids[1])[ids[1]]["status"] == "sent")
+    busy = poll_until(lambda: (r := pg.rows(ids[0])[ids[0]])["status"] == "pending" and r)
     assert "daily quota" in busy["last_error"] and busy["attempts"] == 0
     pg.emulator.set_faults(daily_quota_users=[])
     assert pg.drain(timeout=30) == {"sent": 2}
@@ -159,7 +150,7 @@ def test_a_transient_failure_backs_the_row_off_and_it_is_delivered_later(pg, fau
     ids = pg.insert([identify("user-00001", {"CRM_Level": 1})])
     pg.emulator.set_faults(fail_next=[fault])
     pg.sync()
-    row = _wait_until(lambda: (r := pg.rows(*ids)[ids[0]])["status"] == "pending" and r)
+    row = poll_until(lambda: (r := pg.rows(*ids)[ids[0]])["status"] == "pending" and r)
     assert row["attempts"] == 1 and row["next_attempt_at"] is not None
     assert row["last_error"].startswith(outcomes.RETRYING)
     assert pg.drain() == {"sent": 1}

@@ -12,26 +12,12 @@ import pymysql
 import pytest
 from psycopg import errors as pg_errors
 from sqlalchemy import event, func, select, update
-from support import MARIADB_URL, PG_URL
+from support import BACKENDS
 
 from tasks.db import engine as db_engine
 from tasks.db import feeds, queue, schema, setup, sql
 
-BACKENDS = {"postgresql": PG_URL, "mariadb": MARIADB_URL, "sqlite": None}
 ROWS = 2500
-
-
-@pytest.fixture(params=list(BACKENDS))
-def db(request, tmp_path):
-    url = BACKENDS[request.param] or f"sqlite:///{tmp_path / 'queue.db'}"
-    tables = schema.define_tables(f"tc_{uuid.uuid4().hex[:8]}")
-    engine = db_engine.make_engine(url)
-    setup.init_db(engine, tables)
-    yield engine, tables
-    with engine.begin() as conn:
-        for table in reversed(tables.metadata.sorted_tables):
-            table.drop(conn)
-    engine.dispose()
 
 
 def changes_of(engine, table_name: str) -> list[int]:

@@ -4,29 +4,11 @@ Table-driven over PostgreSQL, MariaDB and SQLite."""
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 from sqlalchemy import select, update
-from support import MARIADB_URL, PG_URL, event, identify
+from support import event, identify
 
-from tasks.db import engine as db_engine
-from tasks.db import queue, schema, setup
-
-BACKENDS = {"postgresql": PG_URL, "mariadb": MARIADB_URL, "sqlite": None}
-
-
-@pytest.fixture(params=list(BACKENDS))
-def db(request, tmp_path):
-    url = BACKENDS[request.param] or f"sqlite:///{tmp_path / 'order.db'}"
-    tables = schema.define_tables(f"to_{uuid.uuid4().hex[:8]}")
-    engine = db_engine.make_engine(url)
-    setup.init_db(engine, tables)
-    yield engine, tables
-    with engine.begin() as conn:
-        for table in reversed(tables.metadata.sorted_tables):
-            table.drop(conn)
-    engine.dispose()
+from tasks.db import queue
 
 
 def _insert(engine, tables, rows) -> list[int]:

@@ -15,21 +15,6 @@ from tasks import outcomes
 from tasks.db import engine as db_engine
 from tasks.db import queue, schema, setup, sql
 
-BACKENDS = {"postgresql": PG_URL, "mariadb": MARIADB_URL, "sqlite": None}
-
-
-@pytest.fixture(params=list(BACKENDS))
-def db(request, tmp_path):
-    url = BACKENDS[request.param] or f"sqlite:///{tmp_path / 'queue.db'}"
-    tables = schema.define_tables(f"tq_{uuid.uuid4().hex[:8]}")
-    engine = db_engine.make_engine(url)
-    setup.init_db(engine, tables)
-    yield engine, tables
-    with engine.begin() as conn:
-        for table in reversed(tables.metadata.sorted_tables):
-            table.drop(conn)
-    engine.dispose()
-
 
 def _insert(engine, tables, rows) -> list[int]:
     with engine.begin() as conn:

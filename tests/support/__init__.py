@@ -60,8 +60,18 @@ FAST = {
 }
 
 
-def database_urls() -> dict[str, str]:
-    return {"postgresql": PG_URL, "mariadb": MARIADB_URL}
+# The databases a statement test runs on; SQLite's file is made per test (None here).
+BACKENDS: dict[str, str | None] = {"postgresql": PG_URL, "mariadb": MARIADB_URL, "sqlite": None}
+
+
+def poll_until(check, timeout: float = 20.0, step: float = 0.2):
+    """`check()`'s first truthy value, or its last value once `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(step)
 
 
 @dataclass
