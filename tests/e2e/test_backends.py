@@ -17,6 +17,7 @@ from support import (
     event,
     group,
     identify,
+    run_cli,
     stop_process,
 )
 
@@ -119,14 +120,7 @@ def test_sqlite_with_the_embedded_redis_delivers_every_kind_through_ampsync_run(
 
 def test_ampsync_demo_exits_0_and_prints_the_delivered_profiles(tmp_path):
     # given a fresh folder and no settings at all; when the README's demo command runs
-    result = subprocess.run(
-        [sys.executable, "-m", "tasks.cli", "demo"],
-        env=CLEAN_ENV,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    result = run_cli("demo", env=CLEAN_ENV, cwd=tmp_path, timeout=240)
     # then it delivers everything but its two broken rows, and shows what Amplitude received
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout

@@ -20,7 +20,7 @@ from sqlalchemy.dialects import mssql
 from sqlalchemy.engine import make_url
 from sqlglot import exp
 from sqlglot.errors import ErrorLevel
-from support import MARIADB_URL, PG_URL, REDIS_URL, ROOT, Stack, event, identify
+from support import MARIADB_URL, PG_URL, REDIS_URL, ROOT, Stack, event, identify, run_cli
 
 from tasks.db.setup import create_database_sql
 
@@ -183,14 +183,7 @@ def test_demo_draws_the_same_progress_bar_and_exits_0(tmp_path):
         if not k.startswith(("AMPSYNC_", "AMPLITUDE_", "CELERY_"))
     }
     # when it runs with a few sample users
-    done = subprocess.run(
-        [sys.executable, "-m", "tasks.cli", "demo", "--users", "12"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_cli("demo", "--users", "12", env=env, cwd=tmp_path)
     # then its progress ends full: 12 identifies, 4 orders, a group, 2 broken rows
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert re.search("^demo:  " + BAR.format(n=19, sent=17, failed=2) + "$", done.stdout, re.M)

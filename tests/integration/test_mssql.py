@@ -150,10 +150,8 @@ def test_schema_qualified_names_keep_their_schema():
 
 
 def test_init_db_print_sql_gives_a_dba_the_complete_tsql_when_the_server_is_out_of_reach(tmp_path):
-    import subprocess
-    import sys
 
-    from support import CLEAN_ENV
+    from support import CLEAN_ENV, run_cli
 
     # given a SQL Server URL this machine cannot reach
     env = {
@@ -162,14 +160,7 @@ def test_init_db_print_sql_gives_a_dba_the_complete_tsql_when_the_server_is_out_
         "AMPSYNC_QUEUE_TABLE": "dbo.amplitude_queue",
     }
     # when the DDL is asked for
-    result = subprocess.run(
-        [sys.executable, "-m", "tasks.cli", "init-db", "--print-sql"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_cli("init-db", "--print-sql", env=env, cwd=tmp_path)
     # then it prints every statement as T-SQL, and says why on stderr (password masked)
     assert result.returncode == 0, result.stderr
     assert "cannot reach the database at mssql+pymssql://sa:***@127.0.0.1:1/dwh" in result.stderr

@@ -595,22 +595,13 @@ def feeds_example(mode: str, query: str = "SELECT order_id, rv FROM dbo.pickups"
 
 
 def test_ampsync_statements_prints_the_catalogue_without_a_reachable_server(tmp_path):
-    import subprocess
-    import sys
 
-    from support import CLEAN_ENV
+    from support import CLEAN_ENV, run_cli
 
     # given a SQL Server URL this machine cannot reach, and no feeds file
     env = {**CLEAN_ENV, "AMPSYNC_DATABASE_URL": "mssql+pymssql://sa:Secret1@127.0.0.1:1/dwh"}
     # when the statements are asked for
-    result = subprocess.run(
-        [sys.executable, "-m", "tasks.cli", "statements"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_cli("statements", env=env, cwd=tmp_path)
     # then every statement is printed as pymssql sends it, grouped, the password masked
     assert result.returncode == 0, result.stderr
     out = result.stdout

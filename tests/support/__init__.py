@@ -64,6 +64,20 @@ FAST = {
 BACKENDS: dict[str, str | None] = {"postgresql": PG_URL, "mariadb": MARIADB_URL, "sqlite": None}
 
 
+def run_cli(
+    *args: str, env: dict[str, str], cwd: Path | str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """`ampsync ARGS` as a user runs it, in its own process; output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "tasks.cli", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def poll_until(check, timeout: float = 20.0, step: float = 0.2):
     """`check()`'s first truthy value, or its last value once `timeout` seconds have passed."""
     deadline = time.monotonic() + timeout
