@@ -75,6 +75,7 @@ import contextlib
 import email.parser
 import email.policy
 import html
+import ipaddress
 import math
 import random
 import socket
@@ -133,6 +134,18 @@ DEFAULT_MIN_ID_LENGTH = 5
 REJECTED_KEEP = 200
 LAST_EVENTS_PER_TYPE = 5
 HTML_MAX_USERS = 1000
+# The page reloads itself this often, so it follows a running sync; `/?refresh=0` stops it.
+PAGE_REFRESH_SECONDS = 5
+
+
+def _refresh_seconds(text: str) -> int:
+    """The page's `?refresh=N` (seconds, 0 = never); the default when absent or not a number."""
+    try:
+        return max(0, int(text))
+    except ValueError:
+        return PAGE_REFRESH_SECONDS
+
+
 HTML_MAX_DROPPED = 100
 
 REJECTED_IDS = frozenset(
@@ -699,8 +712,64 @@ def _mask(key: Any) -> str:
     return s[:4] + "…" if s else ""
 
 
+def _is_loopback(host: str | None) -> bool:
+    """Whether a host name or address is this machine (127.0.0.0/8, ::1, localhost)."""
+    if not host:
+        return False
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_of(authority: str) -> str | None:
+    """The host of a Host header or an Origin (`localhost:8087`, `http://[::1]:8087`)."""
+    try:
+        return urllib.parse.urlsplit(authority if "//" in authority else "//" + authority).hostname
+    except ValueError:
+        return None
+
+
+def _control_refusal(method: str, headers: Any) -> _Answer | None:
+    """Why a request for the page or a control endpoint is refused, or None.
+
+    A web page the user has open could otherwise change the faults or read what the emulator
+    holds: through DNS rebinding (its own host name resolving to 127.0.0.1, so the browser
+    sends that name as Host) or by posting a simple cross-site form. So the Host header must
+    name this machine, an Origin (browsers send one with every cross-site POST) must be this
+    machine's too, and a change must be a JSON body, which a cross-site page can only send
+    after a CORS preflight the emulator never grants.
+    """
+    if not _is_loopback(_host_of(headers.get("Host", ""))):
+        return _json_answer(
+            403,
+            {
+                "error": "the emulator's page and control endpoints answer requests addressed "
+                "to this machine only (Host 127.0.0.1, localhost or [::1])"
+            },
+        )
+    origin = headers.get("Origin")
+    if origin is not None and not _is_loopback(_host_of(origin)):
+        return _json_answer(403, {"error": f"cross-site request from {origin[:100]} refused"})
+    ctype = headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if method not in ("GET", "HEAD") and ctype != "application/json":
+        return _json_answer(415, {"error": "send a JSON body with Content-Type: application/json"})
+    return None
+
+
 def _now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _readable_time(iso: str) -> str:
+    """`2026-11-28T09:00:01.234+00:00` → `2026-11-28 09:00:01 UTC` for the page."""
+    try:
+        return datetime.fromisoformat(iso).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except ValueError:
+        return iso
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1399,6 +1468,11 @@ class Emulator:
                     events = True
             return _Answer(200, self._snapshot_bytes(events))
         if path == "/_emulator/reset" and method == "POST":
+            try:
+                if type(orjson.loads(body or b"{}")) is not dict:
+                    raise TypeError
+            except (orjson.JSONDecodeError, TypeError):
+                return _Answer(400, orjson.dumps({"error": "body must be a JSON object ({})"}))
             self.reset()
             return _Answer(200, orjson.dumps({"ok": True}))
         if path == "/_emulator/faults":
@@ -1415,7 +1489,8 @@ class Emulator:
             with self._lock:
                 return _Answer(200, orjson.dumps(asdict(self._faults)))
         if path == "/" and method == "GET":
-            return _Answer(200, self.render_html().encode(), "text/html; charset=utf-8")
+            page = self.render_html(_refresh_seconds(qs.get("refresh", [""])[-1]))
+            return _Answer(200, page.encode(), "text/html; charset=utf-8")
         if path == "/favicon.ico":
             return _Answer(404, b"", "text/plain")
         ans = _json_answer(400, {"code": 400, "error": ERR_PATH})
@@ -1425,8 +1500,9 @@ class Emulator:
 
     # -- HTML page -----------------------------------------------------------------------------
 
-    def render_html(self) -> str:
-        """A small self-contained page of what was received (every value HTML-escaped)."""
+    def render_html(self, refresh: int = PAGE_REFRESH_SECONDS) -> str:
+        """A small self-contained page of what was received (every value HTML-escaped); it
+        reloads itself every `refresh` seconds (0: never)."""
         with self._lock:
             state = orjson.loads(orjson.dumps(self._state(events=False)))
             types = [
@@ -1441,15 +1517,24 @@ class Emulator:
         users = state["users"]
         out = [
             "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+            f"<meta http-equiv='refresh' content='{refresh}'>" if refresh else "",
             "<title>ampsync Amplitude emulator</title><style>",
             "body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}",
             "table{border-collapse:collapse;margin-bottom:1.5em}",
             "td,th{border:1px solid #ccc;padding:.25em .5em;text-align:left;vertical-align:top}",
             "td.props,td.last{font-family:monospace;font-size:.85em;max-width:60em;",
             "word-break:break-all}th{background:#f3f3f3}",
+            "table#faults td.value{font-family:monospace;font-size:.85em;max-width:60em;",
+            "word-break:break-all}table#faults tr.changed td{background:#fff3cd}",
             "</style></head><body>",
             "<h1>ampsync Amplitude emulator</h1>",
-            "<p><a href='/'>refresh</a> · <a href='/_emulator/state?events=0'>state JSON</a></p>",
+            f"<p>as of {e(_readable_time(_now_iso()))} · "
+            + (
+                f"reloads every {refresh} s (<a href='/?refresh=0'>stop</a>)"
+                if refresh
+                else f"<a href='/'>reload every {PAGE_REFRESH_SECONDS} s</a>"
+            )
+            + " · <a href='/_emulator/state?events=0'>state JSON</a></p>",
         ]
         c = state["counts"]
         out.append(
@@ -1539,14 +1624,26 @@ class Emulator:
         for r in reversed(state["rejected"]):
             detail = js(r["detail"]) if r.get("detail") else ""
             out.append(
-                f"<tr class='rejected'><td class='at'>{e(r['at'])}</td>"
+                f"<tr class='rejected'><td class='at' title='{e(r['at'])}'>"
+                f"{e(_readable_time(r['at']))}</td>"
                 f"<td class='path'>{e(r['path'])}</td>"
                 f"<td class='status'>{e(str(r['status']))}</td>"
                 f"<td class='error'>{e(r['error'])}</td>"
                 f"<td class='detail'>{detail}</td></tr>"
             )
         out.append("</table>")
-        out.append(f"<h2>Faults</h2><pre id='faults'>{js(state['faults'])}</pre>")
+        defaults = asdict(Faults())
+        out.append(
+            "<h2>Faults</h2><p>highlighted: changed from the default</p><table id='faults'>"
+            "<tr><th>fault</th><th>value</th></tr>"
+        )
+        for name, value in state["faults"].items():
+            changed = " class='changed'" if value != defaults.get(name) else ""
+            out.append(
+                f"<tr data-fault='{e(name)}'{changed}><td class='name'>{e(name)}</td>"
+                f"<td class='value'>{js(value)}</td></tr>"
+            )
+        out.append("</table>")
         out.append("</body></html>")
         return "".join(out)
 
@@ -1658,7 +1755,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._abort()
                 return
         else:
-            ans = emu._handle_control(method, path, query, body)
+            control = path == "/" or path.startswith("/_emulator/")
+            refusal = _control_refusal(method, self.headers) if control else None
+            ans = refusal or emu._handle_control(method, path, query, body)
         self._send(ans)
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _dispatch

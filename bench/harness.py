@@ -56,7 +56,7 @@ def machine_facts(database_url: str) -> dict[str, str]:
     import sqlalchemy
 
     facts["celery / sqlalchemy"] = f"{celery.__version__} / {sqlalchemy.__version__}"
-    facts["code"] = _git_state()
+    facts["code"] = git_state()
     if database_url.startswith("postgresql"):
         from sqlalchemy import create_engine, text
 
@@ -92,19 +92,19 @@ def cpu_speed() -> float:
     return best
 
 
-def _git_state() -> str:
+def git_state(root: Path = ROOT) -> str:
     """The commit measured, and whether tasks/ had uncommitted changes."""
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
+            cwd=root,
             text=True,
             capture_output=True,
             check=True,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--", "tasks", "beat_schedule.py"],
-            cwd=ROOT,
+            cwd=root,
             text=True,
             capture_output=True,
         ).stdout.split("\n")
@@ -299,7 +299,13 @@ class EmulatorProcess:
         return requests.get(self.url + "/_emulator/state?events=0", timeout=30).json()["counts"]
 
     def reset(self) -> None:
-        requests.post(self.url + "/_emulator/reset", timeout=30).raise_for_status()
+        # Control endpoints take JSON only (the emulator refuses cross-site form posts).
+        requests.post(self.url + "/_emulator/reset", json={}, timeout=30).raise_for_status()
+
+    def set_faults(self, **faults: object) -> None:
+        """Merge fault settings (`Faults` fields); a reset keeps them, so a clean run sets its
+        rates back to 0."""
+        requests.post(self.url + "/_emulator/faults", json=faults, timeout=30).raise_for_status()
 
     def stop(self) -> None:
         if self.proc:
@@ -326,6 +332,10 @@ class WorkerProcess:
     env: dict[str, str]
     concurrency: int
     log_path: Path
+    # The checkout whose `tasks` the worker runs (another git worktree to compare versions):
+    # Celery imports the app from its working directory, and PYTHONPATH puts it before the
+    # editable install.
+    code: Path = ROOT
     proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60) -> None:
@@ -333,10 +343,15 @@ class WorkerProcess:
 
         cmd = worker_command(beat=False, concurrency=self.concurrency, loglevel="INFO")
         cmd += ["-n", f"bench{os.getpid()}-{int(time.time())}@%h"]
+        env = {**os.environ, **self.env}
+        if self.code != ROOT:
+            env["PYTHONPATH"] = os.pathsep.join(
+                filter(None, [str(self.code), env.get("PYTHONPATH")])
+            )
         self.proc = subprocess.Popen(
             cmd,
-            env={**os.environ, **self.env},
-            cwd=ROOT,
+            env=env,
+            cwd=self.code,
             stdout=self.log_path.open("wb"),
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -8,6 +8,13 @@ with the given latency, and the benchmark publishes `ampsync.sync` once and then
 --sync-every seconds (as beat would) until no row is pending or in flight. Then the baseline
 (bench/baseline.py) drains a fresh copy of the same rows one request per row for at most
 --baseline-seconds. Medians over the repeats are printed as a Markdown table. See README.md.
+
+`--faults 0.2,0.1` adds, in every repeat, a drain from an emulator failing that share of requests
+with a 5xx before ingesting them and that share with a 500 after (issue 13), next to the clean
+drain; `--code DIR` (repeatable) runs the worker from other checkouts too (a `git worktree` of
+an older commit). The conditions alternate (reversed every other repeat) so a machine that gets
+busier during the invocation weighs on each alike; a summary table gives the faulty ÷ clean
+ratio of the steady rate per code.
 """
 
 from __future__ import annotations
@@ -93,7 +100,68 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "insert: statistics then say every row is pending (see README)",
     )
     p.add_argument("--keep", action="store_true", help="keep the tables (default: dropped)")
+    p.add_argument(
+        "--faults",
+        type=fault_rates,
+        default=None,
+        metavar="BEFORE,AFTER",
+        help="also drain with the emulator failing BEFORE of requests with a 5xx before "
+        "ingesting them and AFTER with a 500 after, e.g. 0.2,0.1; clean and faulty alternate",
+    )
+    p.add_argument(
+        "--code",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="DIR",
+        help="also run the worker from this checkout (e.g. a git worktree of HEAD); repeatable",
+    )
     return p.parse_args(argv)
+
+
+def fault_rates(text: str) -> tuple[float, float]:
+    """'0.2,0.1' -> (0.2, 0.1): the shares of requests failing before and after ingest."""
+    try:
+        before, after = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--faults wants two shares BEFORE,AFTER such as 0.2,0.1, not {text!r}"
+        ) from None
+    if not (0 <= before < 1 and 0 <= after < 1):
+        raise argparse.ArgumentTypeError(f"--faults shares must be in [0, 1): {text!r}")
+    return before, after
+
+
+@dataclass(frozen=True)
+class Condition:
+    """What one drain runs: which checkout's worker, and the emulator's fault rates."""
+
+    code: Path
+    label: str  # the code, as `git_state` names it
+    faults: tuple[float, float] = (0.0, 0.0)
+
+    @property
+    def mode(self) -> str:
+        return "faulty" if any(self.faults) else "clean"
+
+    @property
+    def name(self) -> str:
+        return f"{self.label}, {self.mode}"
+
+
+def conditions(args) -> list[Condition]:
+    codes = [harness.ROOT, *(c.resolve() for c in args.code)]
+    out = []
+    for code in codes:
+        # The commit, and only whether tasks/ had changes: the list is in the header.
+        state = harness.git_state(code)
+        label = state.split(" + ")[0] + (" + uncommitted changes" if " + " in state else "")
+        if state.startswith("unknown"):  # a copy outside git: its folder names it
+            label = code.name
+        out.append(Condition(code, label))
+        if args.faults:
+            out.append(Condition(code, label, args.faults))
+    return out
 
 
 # --- one run ------------------------------------------------------------------------------------
@@ -128,6 +196,7 @@ class RunResult:
     cpu_cores: dict[str, float]  # CPU seconds per wall second, per stage
     cpu_seconds: dict[str, float]  # CPU seconds per stage over the run
     task_errors: list[str] = field(default_factory=list)
+    condition: str = ""
     baseline_rps: float | None = None
     baseline_rows: int = 0
     baseline_not_ok: int = 0
@@ -268,7 +337,14 @@ def worker_env(args, url: str, table: str, emulator_url: str) -> dict[str, str]:
     return env
 
 
-def run_pipeline(args, emulator: harness.EmulatorProcess, repeat: int, out: Path) -> RunResult:
+def run_pipeline(
+    args,
+    emulator: harness.EmulatorProcess,
+    repeat: int,
+    out: Path,
+    cond: Condition | None = None,
+    tag: str = "",
+) -> RunResult:
     from sqlalchemy import func, select
 
     from tasks import sync
@@ -290,11 +366,16 @@ def run_pipeline(args, emulator: harness.EmulatorProcess, repeat: int, out: Path
     redis = redis_client(args.redis_url)
     redis.flushdb()
     emulator.reset()
+    cond = cond or Condition(harness.ROOT, "")
+    before_rate, after_rate = cond.faults
+    # Seeded per repeat: the faulty drains of every code meet the same sequence of faults.
+    emulator.set_faults(fail_before_rate=before_rate, fail_after_rate=after_rate, seed=repeat)
     worker_url = database_url(args, out, WORKER_APP)
     worker = harness.WorkerProcess(
         worker_env(args, worker_url, name, emulator.url),
         args.concurrency,
-        out / f"worker-{repeat}.log",
+        out / f"worker-{repeat}{tag}.log",
+        code=cond.code,
     )
     worker.start()
     assert worker.proc
@@ -409,6 +490,7 @@ def run_pipeline(args, emulator: harness.EmulatorProcess, repeat: int, out: Path
         cpu_seconds=cpu,
         profile=profile,
         task_errors=errors,
+        condition=cond.name,
     )
 
 
@@ -507,10 +589,62 @@ def fmt(value: float, digits: int = 0) -> str:
     return f"{value:,.{digits}f}"
 
 
-def report(args, argv: list[str], facts: dict, runs: list[RunResult], out: Path) -> str:
-    lines = [f"## `{command_line(argv)}`", ""]
-    lines += ["| machine | |", "| --- | --- |"]
+def comparison(
+    args, argv: list[str], facts: dict, conds: list[Condition], runs: list[RunResult]
+) -> str:
+    """One line per condition: the steady rate of each run, the median, and for a faulty
+    condition the ratio to the clean one of the same code (median of the per-repeat ratios,
+    each faulty run against the clean run of its own repeat)."""
+    lines = [f"## `{command_line(argv)}`", "", "| machine | |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in facts.items()]
+    lines += [
+        "",
+        "| code | emulator | rows/s steady (runs) | median | faulty ÷ clean (per repeat) "
+        "| median ratio | drain s (median) | API requests (failed) | rows failed |",
+        "| --- | --- | --- | ---: | --- | ---: | ---: | --- | ---: |",
+    ]
+    by = {c.name: [r for r in runs if r.condition == c.name] for c in conds}
+    for c in conds:
+        mine = by[c.name]
+        steady = [r.steady_rps for r in mine]
+        ratios: list[float] = []
+        if c.mode == "faulty":
+            clean = by[Condition(c.code, c.label).name]
+            ratios = [
+                f.steady_rps / k.steady_rps
+                for f, k in zip(mine, clean, strict=False)
+                if k.steady_rps
+            ]
+        faults = (
+            "clean" if c.mode == "clean" else "5xx {:.0%} before, {:.0%} after".format(*c.faults)
+        )
+        requests_ = [sum(r.api_requests.values()) for r in mine]
+        failed_requests = [
+            sum(n for k, n in r.api_requests.items() if not k.endswith(" 200")) for r in mine
+        ]
+        lines.append(
+            f"| {c.label} | {faults} | {' · '.join(fmt(v) for v in steady)} | "
+            f"**{fmt(median(steady))}** | {' · '.join(fmt(v, 2) for v in ratios) or '–'} | "
+            f"{'**' + fmt(median(ratios), 2) + '**' if ratios else '–'} | "
+            f"{fmt(median([r.drain_seconds for r in mine]), 1)} | "
+            f"{fmt(median(requests_))} ({fmt(median(failed_requests))}) | "
+            f"{sum(r.failed for r in mine)} |"
+        )
+    return "\n".join(lines)
+
+
+def report(
+    args,
+    argv: list[str],
+    facts: dict,
+    runs: list[RunResult],
+    out: Path,
+    title: str = "",
+) -> str:
+    lines = [f"## `{command_line(argv)}`" if not title else f"### {title}", ""]
+    if facts:
+        lines += ["| machine | |", "| --- | --- |"]
+        lines += [f"| {k} | {v} |" for k, v in facts.items()]
     setup = (
         f"rows {args.rows:,} {args.kind} on {args.db}, emulator latency "
         f"{args.latency_ms:g} ms, concurrency {args.concurrency}, batch size "
@@ -647,34 +781,49 @@ def main(argv: list[str] | None = None) -> int:
     emulator.start()
     facts["emulator"] = " ".join(emulator.command[1:])
     runs: list[RunResult] = []
+    conds = conditions(args)
+    compare = len(conds) > 1
     try:
         for i in range(1, args.repeat + 1):
-            result = run_pipeline(args, emulator, i, out)
-            print(
-                f"[run {i}] pipeline: {result.sent:,} rows, steady {result.steady_rps:,.0f} "
-                f"rows/s, drain {result.drain_rps:,.0f} rows/s in {result.drain_seconds:.1f} s",
-                flush=True,
-            )
-            if args.baseline_seconds > 0:
-                b = run_baseline(args, emulator, i, out)
-                result.baseline_rps = b.rows_per_second
-                result.baseline_rows = b.rows
-                result.baseline_not_ok = b.not_ok
-            runs.append(result)
-            (out / "results.json").write_text(
-                json.dumps(
-                    {
-                        "command": command_line(argv),
-                        "facts": facts,
-                        "runs": [r.__dict__ for r in runs],
-                    },
-                    indent=2,
-                    default=str,
+            order = conds if i % 2 else conds[::-1]
+            for cond in order:
+                tag = f"-{conds.index(cond) + 1}" if compare else ""
+                result = run_pipeline(args, emulator, i, out, cond if compare else None, tag)
+                print(
+                    f"[run {i}] pipeline{' (' + cond.name + ')' if compare else ''}: "
+                    f"{result.sent:,} rows, steady {result.steady_rps:,.0f} "
+                    f"rows/s, drain {result.drain_rps:,.0f} rows/s in {result.drain_seconds:.1f} s",
+                    flush=True,
                 )
-            )
+                if args.baseline_seconds > 0 and cond is conds[0]:
+                    b = run_baseline(args, emulator, i, out)
+                    result.baseline_rps = b.rows_per_second
+                    result.baseline_rows = b.rows
+                    result.baseline_not_ok = b.not_ok
+                runs.append(result)
+                (out / "results.json").write_text(
+                    json.dumps(
+                        {
+                            "command": command_line(argv),
+                            "facts": facts,
+                            "runs": [r.__dict__ for r in runs],
+                        },
+                        indent=2,
+                        default=str,
+                    )
+                )
     finally:
         emulator.stop()
-    text = report(args, argv, facts, runs, out)
+    if compare:
+        text = "\n\n".join(
+            [comparison(args, argv, facts, conds, runs)]
+            + [
+                report(args, argv, {}, [r for r in runs if r.condition == c.name], out, c.name)
+                for c in conds
+            ]
+        )
+    else:
+        text = report(args, argv, facts, runs, out)
     (out / "report.md").write_text(text + "\n")
     print()
     print(text)

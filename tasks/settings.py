@@ -1,29 +1,46 @@
 """Settings: every knob ampsync has, read from the environment (and a `.env` file).
 
-Names are the README's. Validation happens once, at start-up, and a wrong value stops the process
-with one line naming the variable (see `load()` and `SettingsError`).
+Names are the README's. Validation happens once, at start-up: a wrong value raises
+`SettingsError`, one line naming the variable, which the CLI, workers and beat stop with (see
+`load()`).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
+from collections.abc import Iterator
 from functools import lru_cache
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
+from . import broker_address, redact
 from .amplitude.limits import MAX_EVENTS_PER_REQUEST, REGION_URLS
 
 # A table name or schema.table made of identifier characters only: the name is put into SQL.
 _TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,115}(\.[A-Za-z_][A-Za-z0-9_]{0,115})?$")
 
 
-class SettingsError(SystemExit):
-    """A setting is wrong; the message names the variable and what to do."""
+class SettingsError(ValueError):
+    """A setting is wrong; the message is one line naming the variable and what to do.
+
+    A normal exception, not SystemExit: a Python shell, notebook or web app that imports
+    `tasks` gets the line and goes on. The CLI prints it and exits 2; a worker or beat stops
+    with it (tasks/worker/app.py).
+    """
 
     def __init__(self, message: str) -> None:
         super().__init__(f"ampsync: {message}")
@@ -31,12 +48,22 @@ class SettingsError(SystemExit):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+        # An empty variable means the default: docker-compose.yml passes every setting as
+        # ${NAME:-}, empty when .env leaves it out.
+        env_ignore_empty=True,
     )
 
     # --- Amplitude -------------------------------------------------------------------------
     amplitude_api_key: SecretStr | None = Field(None, alias="AMPLITUDE_API_KEY")
     amplitude_region: Literal["us", "eu"] = Field("us", alias="AMPLITUDE_REGION")
+    # Hosts besides this machine that AMPLITUDE_SERVER_URL may reach over plain http://, comma
+    # separated (the compose trial's `emulator`): the API key travels in every request body.
+    # Declared before the URL: its validator reads this one.
+    plain_http_hosts: str = Field("", alias="AMPSYNC_PLAIN_HTTP_HOSTS")
     amplitude_server_url: str | None = Field(None, alias="AMPLITUDE_SERVER_URL")
     # Events go through Batch by default: it deduplicates by insert_id across devices and allows
     # 1000 events/s per user instead of 30 (docs/amplitude.md, "Deduplication" and
@@ -70,12 +97,25 @@ class Settings(BaseSettings):
     # that window. 0 = no limit. At most ~23 days: SQL Server's DATEADD takes an int of
     # milliseconds (docs/sqlserver.md, "Known limitations").
     max_age_seconds: int = Field(6 * 86400, ge=0, le=2_000_000, alias="AMPSYNC_MAX_AGE_SECONDS")
-    # Backoff after a transient failure: base * 2**(attempts-1), capped, with ±50% jitter.
-    backoff_base_seconds: float = Field(10.0, ge=0, alias="AMPSYNC_BACKOFF_BASE")
+    # Backoff after a transient failure: base * 2**(attempts-1), capped, jittered over its upper
+    # half. A 5xx or 408 is Amplitude answering: its rows start again from backoff_base_5xx
+    # and come back within backoff_max_5xx (tens of seconds; sustained failure pauses the
+    # endpoint instead). No answer at all (timeouts, connection errors) may be the way to
+    # Amplitude broken: base and backoff_max. Where both apply, the lower one holds.
+    backoff_base_seconds: float = Field(2.0, ge=0, alias="AMPSYNC_BACKOFF_BASE")
+    # Amplitude's own SDKs retry a 5xx after 100 ms (docs/amplitude.md, "5xx and timeouts");
+    # half a second took 100k flaky events from 0.58 to 0.69 of the clean rate (bench/README.md,
+    # "Flaky Amplitude (issue 13)").
+    backoff_base_5xx_seconds: float = Field(0.5, ge=0, alias="AMPSYNC_BACKOFF_BASE_5XX")
     backoff_max_seconds: float = Field(1800.0, ge=0, alias="AMPSYNC_BACKOFF_MAX")
-    # An endpoint that fails this many requests in a row (5xx, timeouts) is paused for all
-    # workers, doubling from pause_base up to pause_max; its rows keep their attempts.
-    pause_after_failures: int = Field(3, ge=1, alias="AMPSYNC_PAUSE_AFTER_FAILURES")
+    backoff_max_5xx_seconds: float = Field(30.0, ge=0, alias="AMPSYNC_BACKOFF_MAX_5XX")
+    # An endpoint pauses for all workers (its rows keep their attempts) only when failure is
+    # consistent across requests and workers: at least this many of its last 20 requests
+    # failed, and at least pause_failure_ratio of them. At 20 % of requests failing (0.2**5)
+    # it practically never pauses; with Amplitude down it pauses after 5 requests. The pause
+    # doubles from pause_base up to pause_max while the probe after it fails.
+    pause_after_failures: int = Field(5, ge=1, le=20, alias="AMPSYNC_PAUSE_AFTER_FAILURES")
+    pause_failure_ratio: float = Field(0.8, gt=0, le=1, alias="AMPSYNC_PAUSE_FAILURE_RATIO")
     pause_base_seconds: float = Field(30.0, ge=0, alias="AMPSYNC_PAUSE_BASE")
     pause_max_seconds: float = Field(600.0, ge=0, alias="AMPSYNC_PAUSE_MAX")
     # Waits Amplitude asks for on 429 (docs/amplitude.md, "429") and for users over the daily
@@ -103,6 +143,10 @@ class Settings(BaseSettings):
     celery_broker_url: str | None = Field(None, alias="CELERY_BROKER_URL")
     sync_interval: float = Field(60.0, gt=0, alias="AMPSYNC_SYNC_INTERVAL")
     worker_concurrency: int | None = Field(None, ge=1, le=256, alias="AMPSYNC_WORKER_CONCURRENCY")
+    # A worker process whose memory stays above this many MB after a task is replaced by a
+    # fresh one (Celery's worker_max_memory_per_child). A send of big rows peaks near 200 MB
+    # with claims bounded by bytes (bench/README.md, "Memory (issue 15)"); 0 = never replaced.
+    worker_max_memory_mb: int = Field(512, ge=0, le=1_000_000, alias="AMPSYNC_WORKER_MAX_MEMORY_MB")
 
     # --- Feeds (tasks/feeds/) --------------------------------------------------------------
     # The TOML file declaring feeds, relative to the working directory; missing = no feeds.
@@ -112,7 +156,7 @@ class Settings(BaseSettings):
 
     @field_validator("amplitude_server_url")
     @classmethod
-    def _server_url(cls, value: str | None) -> str | None:
+    def _server_url(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value in (None, ""):
             return None
         if not re.match(r"^https?://[^/\s]+", value):
@@ -123,6 +167,17 @@ class Settings(BaseSettings):
             raise ValueError(
                 "must be the server's address without a path (ampsync appends /2/httpapi, "
                 "/batch, /identify, /groupidentify), such as https://api2.amplitude.com"
+            )
+        host = urlsplit(value).hostname or ""
+        allowed = str(info.data.get("plain_http_hosts") or "").lower().split(",")
+        if value.lower().startswith("http://") and not (
+            is_loopback(host) or host in {h.strip() for h in allowed if h.strip()}
+        ):
+            # Every request body carries the API key: in clear text only to this machine.
+            raise ValueError(
+                f"plain http:// is refused for {host}, which is not this machine (127.0.0.1, "
+                "::1, localhost): the API key would travel unencrypted; use https://, or "
+                "name the host in AMPSYNC_PLAIN_HTTP_HOSTS"
             )
         return value
 
@@ -135,6 +190,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "is not a SQLAlchemy URL, e.g. mssql+pymssql://user:pw@host:1433/dwh"
             ) from exc
+        if url.drivername in _DEFAULT_DRIVERS:
+            # A bare scheme (postgres://, mysql://, mssql://) means the driver ampsync ships
+            # with or as an extra, not SQLAlchemy's own default (psycopg2, mysqlclient, pyodbc).
+            url = url.set(drivername=_DEFAULT_DRIVERS[url.drivername])
+            value = url.render_as_string(hide_password=False)
         if url.get_backend_name() == "mssql" and url.get_driver_name() != "pymssql":
             # ampsync's SQL Server statements are written and checked for what pymssql sends
             # (docs/sqlserver.md, "Drivers"); pyodbc binds real parameters, at most 2,100.
@@ -142,6 +202,7 @@ class Settings(BaseSettings):
                 f"SQL Server through {url.get_driver_name()} is not supported: use "
                 "mssql+pymssql://user:pw@host:1433/db"
             )
+        _require_driver(url)
         return value
 
     @field_validator("queue_table")
@@ -166,6 +227,14 @@ class Settings(BaseSettings):
         # not be dbo: ampsync's names are always qualified there (docs/sqlserver.md).
         if "." not in self.queue_table and self.database_url.startswith("mssql"):
             self.queue_table = f"dbo.{self.queue_table}"
+        return self
+
+    @model_validator(mode="after")
+    def _embedded_broker(self) -> Settings:
+        # Unset: the embedded Redis of an `ampsync run` for this queue on this machine, if one
+        # is up (tasks/broker_address.py).
+        if self.celery_broker_url is None:
+            self.celery_broker_url = broker_address.read(self.database_url, self.queue_table)
         return self
 
     @model_validator(mode="after")
@@ -195,6 +264,90 @@ class Settings(BaseSettings):
             )
         return self.amplitude_api_key.get_secret_value()
 
+    def secrets(self) -> list[str]:
+        """What no output may show: the API key and what the configured URLs carry."""
+        key = self.amplitude_api_key.get_secret_value() if self.amplitude_api_key else ""
+        found = [key] if key else []
+        for name in _URL_FIELDS:
+            found += redact.secrets_of(getattr(self, name))
+        return found
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        # repr() and str() end up in tracebacks and debug logs: URLs without their passwords.
+        for name, value in super().__repr_args__():
+            if name in _URL_FIELDS and isinstance(value, str):
+                value = mask_url(value)
+            yield name, value
+
+
+# The fields that may carry a password (user-info or a `?password=` parameter).
+_URL_FIELDS = ("database_url", "celery_broker_url", "amplitude_server_url")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a host name or address is this machine (127.0.0.0/8, ::1, localhost)."""
+    host = host.strip("[]").lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# The umask of every ampsync process: what it writes (the default SQLite file, beat's schedule,
+# the embedded Redis's data, the demo's folder) is readable by its user only, and the
+# processes it starts inherit it.
+PRIVATE_UMASK = 0o077
+
+
+def dotenv_file() -> Path | None:
+    """The `.env` that settings are read from (the working directory's), if there is one."""
+    path = Path(".env")
+    return path.resolve() if path.is_file() else None
+
+
+# The driver a bare scheme stands for: what `pip install ampsync` (SQL Server, SQLite) or its
+# extras `[postgresql]` and `[mysql]` install.
+_DEFAULT_DRIVERS = {
+    "postgres": "postgresql+psycopg",
+    "postgresql": "postgresql+psycopg",
+    "mysql": "mysql+pymysql",
+    "mariadb": "mariadb+pymysql",
+    "mssql": "mssql+pymssql",
+}
+_INSTALL = {
+    "postgresql": "pip install 'ampsync[postgresql]'",
+    "mysql": "pip install 'ampsync[mysql]'",
+    "mariadb": "pip install 'ampsync[mysql]'",
+    "mssql": "pip install pymssql",  # a dependency of ampsync itself: a broken install
+}
+
+
+def _require_driver(url: URL) -> None:
+    """Refuse, in one line naming what to install, a URL whose driver this Python lacks: found
+    here, every process stops at start-up instead of a worker saying `ready.` and then failing
+    every task."""
+    try:
+        dialect = url.get_dialect()
+    except NoSuchModuleError:
+        raise ValueError(
+            f"SQLAlchemy knows no database {url.drivername!r}: use mssql+pymssql://, "
+            "postgresql://, mysql:// or sqlite:///"
+        ) from None
+    backend, driver = url.get_backend_name(), dialect.driver
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        default = _DEFAULT_DRIVERS.get(backend)
+        if default is None:
+            how = "install it"
+        elif default.endswith(f"+{driver}"):
+            how = _INSTALL[backend]
+        else:
+            how = f"install it, or use {backend}:// after {_INSTALL[backend]}"
+        raise ValueError(f"the {backend} driver {driver} is not installed ({exc}): {how}") from None
+
 
 def _field_alias(name: str) -> str:
     field = Settings.model_fields.get(name)
@@ -210,7 +363,9 @@ def load() -> Settings:
         where = _field_alias(str(err["loc"][0])) if err["loc"] else "settings"
         message = err["msg"].removeprefix("Value error, ")
         raw = err.get("input")
-        if where == "AMPSYNC_DATABASE_URL" and isinstance(raw, str):
+        if isinstance(raw, str):
+            # Any value may be a URL with a password, malformed ones included.
+            message = redact.text(message, redact.secrets_of(raw))
             raw = mask_url(raw)
         shown = f"={raw!r}" if isinstance(raw, str | int | float) and "KEY" not in where else ""
         raise SettingsError(f"{where}{shown}: {message}") from None
@@ -223,8 +378,5 @@ def get() -> Settings:
 
 
 def mask_url(url: str) -> str:
-    """A URL with its password replaced, for logs and `status`."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return url
+    """A URL with its password and secret parameters replaced, for logs and `status`."""
+    return redact.url(url)

@@ -1,6 +1,8 @@
 """The Amplitude HTTP client: request bodies and one keep-alive session per process.
 
-The API key goes into request bodies only; every text this module returns is redacted.
+The API key goes into request bodies only; every text this module returns is redacted (the
+key, the server URL's password) before it is cut. Redirects are never followed: a 3xx is an
+answer like any other, so a request body, key included, goes to the configured server only.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import orjson
 import requests
 from requests.adapters import HTTPAdapter
 
+from .. import redact
 from .limits import FORM_ENDPOINTS, PATHS
 from .payloads import Prepared
 
@@ -35,6 +38,7 @@ class Client:
     ) -> None:
         self.server_url = server_url.rstrip("/")
         self._key = api_key
+        self._secrets = [api_key, *redact.secrets_of(self.server_url)]
         self._timeout = (min(10.0, timeout), timeout)
         self._options = (
             b""
@@ -60,20 +64,24 @@ class Client:
         started = time.perf_counter()
         try:
             response = self.session.post(
-                url, data=data, headers={"Content-Type": content_type}, timeout=self._timeout
+                url,
+                data=data,
+                headers={"Content-Type": content_type},
+                timeout=self._timeout,
+                allow_redirects=False,
             )
         except requests.Timeout:
             return Answer(
                 0,
                 None,
-                f"no answer from {url} within {self._timeout[1]:g} s",
+                self.redact(f"no answer from {url} within {self._timeout[1]:g} s"),
                 time.perf_counter() - started,
             )
         except requests.RequestException as exc:
             return Answer(
                 0,
                 None,
-                self.redact(f"cannot reach {url}: {_root_cause(exc)}"),
+                self.redact(f"cannot reach {url}: {_root_cause(exc)}", 500),
                 time.perf_counter() - started,
             )
         seconds = time.perf_counter() - started
@@ -83,14 +91,22 @@ class Client:
             body = None
         if not isinstance(body, dict):
             body = None
-        text = response.text.strip()
+        if response.is_redirect:
+            text = (
+                "redirected (ampsync follows no redirect: set AMPLITUDE_SERVER_URL to the "
+                f"address that answers) to {response.headers.get('Location', '')}"
+            )
+            return Answer(response.status_code, None, self.redact(text, 500), seconds)
+        # Far more than the 200 characters kept, and redacted before that cut: a secret cut
+        # here cannot reach the text kept.
+        text = " ".join(response.text[:20_000].split())
         if body is None:
-            snippet = " ".join(text.split())[:200]
-            return Answer(response.status_code, None, self.redact(snippet), seconds)
+            return Answer(response.status_code, None, self.redact(text, 200), seconds)
         return Answer(response.status_code, body, self.redact(str(body.get("error", ""))), seconds)
 
-    def redact(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key else text
+    def redact(self, text: str, limit: int | None = None) -> str:
+        """`text` without the key or the server URL's password, then cut to `limit`."""
+        return redact.cut(text, len(text) if limit is None else limit, self._secrets)
 
     def close(self) -> None:
         self.session.close()
@@ -99,4 +115,4 @@ class Client:
 def _root_cause(exc: BaseException) -> str:
     while exc.__context__ is not None and exc.__context__ is not exc:
         exc = exc.__context__
-    return f"{type(exc).__name__}: {exc}"[:300]
+    return f"{type(exc).__name__}: {exc}"

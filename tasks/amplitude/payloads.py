@@ -82,11 +82,17 @@ class Row:
     extra: str | None
     attempts: int
     created_at: datetime
+    # Not a column: the bytes of properties and extra as stored, when the load left them out
+    # for being over the endpoint's request size (db/queue.py, `load_statement`); else None.
+    oversized: int | None = None
 
 
-# The queue columns a send loads, in Row's order (db/queue.py selects exactly these).
-ROW_COLUMNS = tuple(f.name for f in fields(Row))
-_ROW_FIELDS = len(ROW_COLUMNS)
+# The queue columns a send loads, in Row's order (db/queue.py selects exactly these, then
+# `oversized`).
+ROW_COLUMNS = tuple(f.name for f in fields(Row))[:-1]
+_ROW_FIELDS = len(fields(Row))
+# What a request adds around its items (api_key, options): an item may use the rest.
+ENVELOPE_BYTES = 200
 try:
     _VERSION = version("ampsync")
 except PackageNotFoundError:  # run from a checkout that was never installed
@@ -96,6 +102,12 @@ LIBRARY = f"ampsync/{_VERSION}"  # a loaded row may carry more columns after the
 _EPOCH = datetime(1970, 1, 1)
 _EPOCH_UTC = _EPOCH.replace(tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
+
+
+def row_limit(endpoint: str) -> int:
+    """The most bytes one row may take as JSON: one request of the endpoint, less its
+    envelope. The load leaves out properties and extra stored larger than this."""
+    return MAX_BYTES[endpoint] - ENVELOPE_BYTES
 
 
 def epoch_ms(value: datetime) -> int:
@@ -123,34 +135,41 @@ class Builder:
         # (docs/amplitude.md, "Property-update budget"): one update instead of several.
         merging: dict[str, tuple[int, dict[str, Any]]] = {}
         for raw in rows:
-            # A plain Row: payload() reading a loaded row's attributes directly made the send
-            # slower than this copy does (bench/README.md, finding 6).
-            row = raw if isinstance(raw, Row) else Row(*raw[:_ROW_FIELDS])
+            row_id = raw.id if isinstance(raw, Row) else raw[0]
+            # Whatever goes wrong with one row fails that row alone, with its reason: an
+            # exception escaping here would leave the whole batch in flight, claimed again
+            # every lease until each of its rows had spent its attempts.
             try:
-                payload = self.payload(row)
-                blob = _dumps(payload, row)
+                self._add(raw, result, merging)
             except RowError as exc:
-                result.invalid[row.id] = f"{INVALID} {exc}"
-                continue
-            if len(blob) > MAX_BYTES[self.endpoint] - 200:
-                result.invalid[row.id] = (
-                    f"{INVALID} the row is {len(blob):,} bytes as JSON, over the "
-                    f"{MAX_BYTES[self.endpoint]:,} bytes Amplitude accepts in one request: "
-                    "shrink properties/extra"
-                )
-                continue
-            if row.kind == "identify":
-                key = row.user_id or f"@device:{row.device_id}"
-                into = merging.pop(key, None)
-                if _set_only(payload, row):
-                    merged = self._merge(result.items, into, payload, row) if into else None
-                    if merged is not None:
-                        merging[key] = merged
-                        continue
-                    merging[key] = (len(result.items), payload)
-            result.items.append(self._prepared(row, payload, blob))
+                result.invalid[row_id] = f"{INVALID} {exc}"
+            except Exception as exc:  # a row no rule foresaw: not a reason to sink the batch
+                result.invalid[row_id] = f"{INVALID} it could not be built: {_one_line(exc)}"
         result.truncated = self.cuts
         return result
+
+    def _add(
+        self, raw: Any, result: Prepare, merging: dict[str, tuple[int, dict[str, Any]]]
+    ) -> None:
+        # A plain Row: payload() reading a loaded row's attributes directly made the send
+        # slower than this copy does (bench/README.md, finding 6).
+        row = raw if isinstance(raw, Row) else Row(*raw[:_ROW_FIELDS])
+        if row.oversized is not None:
+            raise RowError(self._too_large(f"properties and extra are {row.oversized:,} bytes"))
+        payload = self.payload(row)
+        blob = _dumps(payload, row)
+        if len(blob) > row_limit(self.endpoint):
+            raise RowError(self._too_large(f"the row is {len(blob):,} bytes as JSON"))
+        if row.kind == "identify":
+            key = row.user_id or f"@device:{row.device_id}"
+            into = merging.pop(key, None)
+            if _set_only(payload, row):
+                merged = self._merge(result.items, into, payload, row) if into else None
+                if merged is not None:
+                    merging[key] = merged
+                    return
+                merging[key] = (len(result.items), payload)
+        result.items.append(self._prepared(row, payload, blob))
 
     def _merge(
         self,
@@ -168,7 +187,7 @@ class Builder:
             if name in payload:
                 merged[name] = payload[name]
         blob = orjson.dumps(merged)
-        if len(blob) > MAX_BYTES[self.endpoint] - 200:
+        if len(blob) > row_limit(self.endpoint):
             return None
         item = items[index]
         fresh = self._prepared(row, merged, blob)
@@ -200,6 +219,16 @@ class Builder:
     def payload(self, row: Row) -> dict[str, Any]:
         if row.kind not in ("identify", "event", "group_identify"):
             raise RowError(f"kind {row.kind!r} is not one of identify, event, group_identify")
+        for column in ("event_time", "created_at"):
+            value = getattr(row, column)
+            # Any text fits a SQLite time column and MariaDB hands a zero date over as text;
+            # the load passes on what it cannot parse as stored. Exact type: every driver
+            # returns datetime itself, and this runs for every row.
+            if value is not None and type(value) is not datetime:
+                raise RowError(
+                    f"{column} {_shown(value)} is not a date and time: write a UTC time such "
+                    "as '2024-05-01 12:30:00' (SYSUTCDATETIME())"
+                )
         props = _json_object(row.properties, "properties")
         extra = _json_object(row.extra, "extra")
         clash = sorted(COLUMN_FIELDS.intersection(extra))
@@ -323,11 +352,21 @@ class Builder:
                     f"{self.min_id_length} characters (AMPSYNC_MIN_ID_LENGTH)"
                 )
 
+    def _too_large(self, what: str) -> str:
+        return (
+            f"{what}, over the {MAX_BYTES[self.endpoint]:,} bytes Amplitude accepts in one "
+            f"request ({self.endpoint}): shrink properties/extra"
+        )
+
     def _time(self, row: Row) -> int:
-        ms = epoch_ms(row.event_time or row.created_at)
+        if row.event_time is None:
+            column, value = "created_at (event_time is NULL)", row.created_at
+        else:
+            column, value = "event_time", row.event_time
+        ms = epoch_ms(value)
         if ms > self.max_future_ms:
             raise RowError(
-                f"event_time {row.event_time:%Y-%m-%d %H:%M:%S} is in the future beyond "
+                f"{column} {value:%Y-%m-%d %H:%M:%S} is in the future beyond "
                 "AMPSYNC_MAX_FUTURE_SECONDS: write times in UTC (SYSUTCDATETIME())"
             )
         return ms
@@ -364,6 +403,18 @@ class Builder:
             elif kind is dict or kind is list:
                 inner = f"{where}.{key}" if type(value) is dict else f"{where}[{key}]"
                 self._check_tree(item, inner, depth + 1)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one short line: its type, then the first line of its message."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= 300 else f"{text[:297]}..."
 
 
 def _within_limits(text: str | None) -> bool:
@@ -458,7 +509,7 @@ def pack(
     items: Sequence[Prepared], endpoint: str, max_items: int, max_bytes: int | None = None
 ) -> Iterator[list[Prepared]]:
     """Consecutive runs of items that fit one request (count and bytes), order kept."""
-    limit_bytes = (max_bytes or MAX_BYTES[endpoint]) - 200  # envelope: api_key, options
+    limit_bytes = (max_bytes or MAX_BYTES[endpoint]) - ENVELOPE_BYTES
     limit_items = min(max_items, MAX_ITEMS[endpoint])
     limit_properties = MAX_GROUP_PROPERTIES if endpoint == Endpoint.GROUP_IDENTIFY else 0
     run: list[Prepared] = []

@@ -4,7 +4,6 @@ database cannot be reached at all)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -24,7 +23,8 @@ def render(report: check.Report) -> str:
     )
 
 
-def command(args: argparse.Namespace) -> int:
+def command(as_json: bool = False) -> int:
+    """`ampsync check [--json]` (wired in tasks/cli/main.py)."""
     s = settings_module.get()
     try:
         report = check.run(s)
@@ -32,19 +32,8 @@ def command(args: argparse.Namespace) -> int:
         raise SettingsError(
             "AMPSYNC_DATABASE_URL: " + describe_db_error(exc, s.database_url)
         ) from None
-    if args.json:
+    if as_json:
         print(json.dumps(report.as_dict(), indent=2, ensure_ascii=False))
     else:
         print(render(report))
     return 0 if report.ok else 1
-
-
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """The `check` subcommand, for tasks/cli/main.py."""
-    p = sub.add_parser(
-        "check",
-        help="run first on your server: its settings, the permissions ampsync needs, and "
-        "every worker statement in a scratch table",
-    )
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=command)

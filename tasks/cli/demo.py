@@ -12,11 +12,14 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import FrameType
+from typing import IO
 
 from sqlalchemy import Engine
 
@@ -32,6 +35,17 @@ from .progress import Progress
 SEGMENTS = ["gold", "silver", "bronze", "churn-risk"]
 GROUPS = ["retail", "b2b", "vip"]
 INVALID_ROWS = 2
+DEMO_EVENT = "Order Picked Up"
+SPECIAL_EVENT_KINDS = {"$identify": "identify", "$groupidentify": "group_identify"}
+EVENT_FIELDS_SHOWN = (
+    "event_type",
+    "user_id",
+    "time",
+    "insert_id",
+    "event_properties",
+    "revenue",
+    "platform",
+)
 
 
 def sample_rows(users: int, seed: int = 7) -> list[dict]:
@@ -75,12 +89,74 @@ def sample_rows(users: int, seed: int = 7) -> list[dict]:
 
 
 def run_demo(users: int = 300, keep: bool = False, timeout: float = 180) -> int:
+    """The demo; its folder, embedded Redis, emulator and worker are gone when it returns,
+    also after Ctrl-C or SIGTERM (which end it with 130)."""
     folder = Path(tempfile.mkdtemp(prefix="ampsync-demo-"))
-    emulator = Emulator()
-    base_url = emulator.start()
-    redis = EmbeddedRedis(str(folder / "redis"))
+    parts = _Parts(folder)
+    # SIGTERM (a closed terminal, `kill`, a CI timeout) cleans up as Ctrl-C does.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _run(parts, users, timeout)
+    except KeyboardInterrupt:
+        print("\ndemo: interrupted; stopping the worker, Redis and the emulator", file=sys.stderr)
+        return 130
+    finally:
+        parts.stop()
+        signal.signal(signal.SIGTERM, previous)
+        if keep:
+            print(f"demo folder kept: {folder}")
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _interrupt(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+class _Parts:
+    """What the demo starts, each stopped once whatever happened."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.emulator: Emulator | None = None
+        self.redis: EmbeddedRedis | None = None
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.log: IO[bytes] | None = None
+        self.engine: Engine | None = None
+
+    def stop(self) -> None:
+        self.stop_worker()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+        if self.emulator is not None:
+            self.emulator.stop()
+            self.emulator = None
+        if self.engine is not None:
+            self.engine.dispose()
+            self.engine = None
+
+    def stop_worker(self) -> None:
+        if self.worker is not None:
+            self.worker.terminate()
+            try:
+                self.worker.wait(20)
+            except subprocess.TimeoutExpired:
+                self.worker.kill()
+                self.worker.wait()
+            self.worker = None
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+
+def _run(parts: _Parts, users: int, timeout: float) -> int:
+    folder = parts.folder
+    parts.emulator = Emulator()
+    base_url = parts.emulator.start()
     (folder / "redis").mkdir()
-    broker_url = redis.start()
+    parts.redis = EmbeddedRedis(str(folder / "redis"))
+    broker_url = parts.redis.start()
     env = {
         "AMPSYNC_DATABASE_URL": f"sqlite:///{folder / 'demo.db'}",
         "AMPLITUDE_API_KEY": "demo-api-key-0000",
@@ -93,15 +169,18 @@ def run_demo(users: int = 300, keep: bool = False, timeout: float = 180) -> int:
     settings.get.cache_clear()
     s = settings.get()
     tables = schema.define_tables(s.queue_table)
-    engine = db_engine.make_engine(s.database_url)
+    engine = parts.engine = db_engine.make_engine(s.database_url)
     setup.init_db(engine, tables)
     rows = sample_rows(users)
     with engine.begin() as conn:
         queue.insert_rows(conn, tables, rows)
-    print(f"demo: {len(rows)} rows in {s.database_url}, emulator at {base_url}")
+    print(
+        f"demo: {len(rows)} rows in {settings.mask_url(s.database_url)}, emulator at {base_url}",
+        flush=True,
+    )
 
-    log = open(folder / "worker.log", "wb")  # noqa: SIM115 - closed below
-    worker = subprocess.Popen(
+    parts.log = open(folder / "worker.log", "wb")  # noqa: SIM115 - closed by parts.stop()
+    parts.worker = subprocess.Popen(
         worker_command(
             beat=True,
             concurrency=2,
@@ -109,43 +188,28 @@ def run_demo(users: int = 300, keep: bool = False, timeout: float = 180) -> int:
             beat_schedule_file=str(folder / "beat-schedule"),
         ),
         env={**os.environ, **env},
-        stdout=log,
+        stdout=parts.log,
         stderr=subprocess.STDOUT,
     )
     started = time.monotonic()
     bar = Progress(len(rows), label="demo:")
-    try:
-        while True:
-            counts = _counts(engine, tables)
-            outcome = {name: counts.get(name, 0) for name in ("sent", "failed")}
-            done = sum(outcome.values())
-            if done == len(rows):
-                bar.finish(done, **outcome)
-                break
-            bar.update(done, **outcome)
-            if worker.poll() is not None or time.monotonic() - started > timeout:
-                bar.finish(done, **outcome)
-                print("demo: the worker stopped or the queue did not drain; its log:")
-                sys.stdout.write((folder / "worker.log").read_text(errors="replace")[-3000:])
-                return 1
-            time.sleep(0.5)
-    finally:
-        worker.terminate()
-        try:
-            worker.wait(20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-        log.close()
-        redis.stop()
-
-    state = emulator.snapshot()
-    emulator.stop()
-    report(engine, tables, state)
-    engine.dispose()
-    if keep:
-        print(f"demo folder kept: {folder}")
-    else:
-        shutil.rmtree(folder, ignore_errors=True)
+    while True:
+        counts = _counts(engine, tables)
+        outcome = {name: counts.get(name, 0) for name in ("sent", "failed")}
+        done = sum(outcome.values())
+        if done == len(rows):
+            bar.finish(done, **outcome)
+            break
+        bar.update(done, **outcome)
+        if parts.worker.poll() is not None or time.monotonic() - started > timeout:
+            bar.finish(done, **outcome)
+            print("demo: the worker stopped or the queue did not drain; its log:")
+            parts.log.flush()
+            sys.stdout.write((folder / "worker.log").read_text(errors="replace")[-3000:])
+            return 1
+        time.sleep(0.5)
+    parts.stop_worker()  # nothing changes while the report is read
+    report(engine, tables, parts.emulator.snapshot())
     return 0 if counts.get("failed", 0) == INVALID_ROWS else 1
 
 
@@ -155,7 +219,7 @@ def _counts(engine: Engine, tables: schema.QueueTables) -> dict[str, int]:
         return reports.by_status(reports.row_counts(conn, tables))
 
 
-def report(engine, tables, state: dict) -> None:
+def report(engine: Engine, tables: schema.QueueTables, state: dict) -> None:
     print("\nqueue table by kind and status:")
     with engine.connect() as conn:
         counts = reports.row_counts(conn, tables)
@@ -165,13 +229,29 @@ def report(engine, tables, state: dict) -> None:
             print(f"  {kind:<15} {status:<8} {n:>6}")
     for row_id, error in failed:
         print(f"  row {row_id} failed: {error}")
-    counts = state.get("counts", {})
+    received = received_by_kind(state.get("events", []))
     print(
-        f"\nAmplitude (emulator) received {counts.get('events_unique', 0)} unique events "
-        f"from {len(state.get('users', {}))} users; a few profiles:"
+        f"\nAmplitude (emulator) received {received['event']} events, "
+        f"{received['identify']} identifies ($identify) and {received['group_identify']} group "
+        f"identifies ($groupidentify), for {len(state.get('users', {}))} users."
     )
+    example = next((e for e in state.get("events", []) if e.get("event_type") == DEMO_EVENT), None)
+    if example is not None:
+        shown = {k: example[k] for k in EVENT_FIELDS_SHOWN if k in example}
+        print(f"An event as Amplitude received it:\n  {json.dumps(shown, sort_keys=True)}")
+    print("A few profiles:")
     for user_id in sorted(state.get("users", {}))[:5]:
         props = state["users"][user_id].get("user_properties", {})
         print(f"  {user_id}: {json.dumps(props, sort_keys=True)}")
     for key, props in list(state.get("groups", {}).items())[:2]:
         print(f"  group {key}: {json.dumps(props, sort_keys=True, default=str)}")
+
+
+def received_by_kind(events: list[dict]) -> dict[str, int]:
+    """Events Amplitude received, by the queue kind they stand for: `$identify` events carry
+    identify rows and `$groupidentify` events group rows; the rest are events."""
+    counts = {"event": 0, "identify": 0, "group_identify": 0}
+    for e in events:
+        kind = SPECIAL_EVENT_KINDS.get(e.get("event_type", ""), "event")
+        counts[kind] += 1
+    return counts

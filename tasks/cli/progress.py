@@ -1,7 +1,8 @@
 """A one-line progress bar with rows/s, shared by `ampsync sync --wait` and `ampsync demo`.
 
 On a terminal the line is redrawn in place; into a file or a pipe it is written as a new line
-every few seconds (and once at the end), so a log stays readable.
+every few seconds (and once at the end), so a log stays readable. It goes to stderr: stdout is
+the command's result (a JSON summary a script reads).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import sys
 import time
 from typing import TextIO
+
+MIN_RATE_SECONDS = 1.0
 
 
 class Progress:
@@ -22,7 +25,7 @@ class Progress:
     ) -> None:
         self.total = max(0, total)
         self.label = label
-        self.stream = stream or sys.stdout
+        self.stream = stream or sys.stderr
         self.width = width
         self.every = every
         self.started = time.monotonic()
@@ -39,7 +42,9 @@ class Progress:
             f"[{'#' * filled}{'.' * (self.width - filled)}]",
             f"{done}/{self.total} rows",
             f"{share:4.0%}",
-            f"{done / elapsed:.0f} rows/s",
+            # Over a second at least: rows done before the first reading would otherwise show
+            # as tens of thousands of rows/s.
+            f"{done / max(elapsed, MIN_RATE_SECONDS):.0f} rows/s",
             *(f"{name} {n}" for name, n in counts.items()),
             f"{elapsed:.1f} s",
         ]

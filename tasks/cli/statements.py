@@ -4,7 +4,6 @@ server: a DBA reviews it before granting, and it is what the SQL Server tests ch
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Any
 
@@ -49,15 +48,7 @@ def render(s: Settings) -> str:
     return "\n".join(lines) + "\n"
 
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """The `statements` subcommand, for tasks/cli/main.py."""
-    p = sub.add_parser(
-        "statements",
-        help="every statement ampsync can send to the database, as its driver sends it",
-    )
-    p.set_defaults(func=cmd_statements)
-
-
-def cmd_statements(args: argparse.Namespace) -> int:
+def cmd_statements() -> int:
+    """`ampsync statements` (wired in tasks/cli/main.py)."""
     sys.stdout.write(render(settings_module.get()))
     return 0

@@ -2,18 +2,108 @@
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import sys
+from datetime import datetime
+from typing import Any, TextIO
 
+import redis
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
+from .. import broker
 from ..db import endpoints, history, reports
+from ..db import engine as db_engine
 from ..db.schema import QueueTables
-from ..settings import Settings, mask_url
+from ..settings import Settings, SettingsError, mask_url
+from ..worker import presence
+from .manual import require_table
 
 # Amplitude drops property updates of a user updated over 1,800 times an hour
 # (docs/amplitude.md): `status` names users past this share of it.
 UPDATE_LIMIT_PER_HOUR = 1800
 NEAR_UPDATE_LIMIT = UPDATE_LIMIT_PER_HOUR * 3 // 4
+
+
+# Beat dispatches a sync every AMPSYNC_SYNC_INTERVAL: a last tick older than this many
+# intervals (plus a margin for a busy machine) means beat is not running.
+BEAT_LATE_INTERVALS = 2
+BEAT_LATE_MARGIN_SECONDS = 15.0
+
+
+def command(
+    s: Settings,
+    tables: QueueTables,
+    engine: Engine,
+    as_json: bool = False,
+    out: TextIO | None = None,
+) -> int:
+    """`ampsync status [--json]`: one line and exit 2 when the queue table is missing or the
+    database unreachable; otherwise the report."""
+    require_table(s, tables, engine)
+    try:
+        report = collect(s, tables, engine)
+    except SQLAlchemyError as exc:
+        raise SettingsError(
+            "AMPSYNC_DATABASE_URL: " + db_engine.describe_db_error(exc, s.database_url)
+        ) from None
+    text = json.dumps(report, indent=2, default=_json_default) if as_json else render(report)
+    print(text, file=out or sys.stdout)
+    return 0
+
+
+def _json_default(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat() + "Z"
+    return str(value)
+
+
+def liveness(s: Settings) -> dict[str, Any]:
+    """Live workers, beat's last tick and the last sync, from the broker's Redis
+    (tasks/worker/presence.py); `broker_error` says why they are unknown."""
+    report: dict[str, Any] = {"workers": [], "beat": None, "last_sync": None, "broker_error": None}
+    client = broker.redis_client(s.celery_broker_url)
+    if client is None:
+        report["broker_error"] = broker.NO_BROKER
+        return report
+    try:
+        workers = presence.live_workers(client)
+        beat = presence.beat_state(client)
+        last = presence.last_sync(client)
+    except redis.RedisError as exc:
+        report["broker_error"] = (
+            f"cannot reach Redis at {mask_url(s.celery_broker_url or '')}: {exc}"
+        )
+        return report
+    finally:
+        client.close()
+    report["workers"] = [
+        {
+            "name": w.name,
+            "queues": list(w.queues),
+            "concurrency": w.concurrency,
+            "pid": w.pid,
+            "last_heartbeat_seconds_ago": round(w.heartbeat_age, 1),
+        }
+        for w in workers
+    ]
+    if beat is not None:
+        late_after = BEAT_LATE_INTERVALS * s.sync_interval + BEAT_LATE_MARGIN_SECONDS
+        report["beat"] = {
+            "last_tick_seconds_ago": round(beat["age"], 1),
+            "last_entry": beat.get("entry"),
+            "host": beat.get("host"),
+            "pid": beat.get("pid"),
+            "late": beat["age"] > late_after,
+        }
+    if last is not None:
+        report["last_sync"] = {
+            "seconds_ago": round(last["age"], 1),
+            "run_id": last.get("run_id"),
+            "rows_claimed": last.get("rows_claimed"),
+            "batches_enqueued": last.get("batches_enqueued"),
+        }
+    return report
 
 
 def collect(s: Settings, tables: QueueTables, engine: Engine) -> dict[str, Any]:
@@ -31,7 +121,8 @@ def collect(s: Settings, tables: QueueTables, engine: Engine) -> dict[str, Any]:
         "broker": mask_url(s.celery_broker_url)
         if s.celery_broker_url
         else "embedded (ampsync run)",
-        "amplitude": s.server_url,
+        "amplitude": mask_url(s.server_url),
+        **liveness(s),
         "rows": rows,
         "oldest_pending_seconds": (pending["now"] - oldest).total_seconds() if oldest else None,
         "waiting_on_backoff": pending["waiting_on_backoff"],
@@ -59,6 +150,7 @@ def render(report: dict) -> str:
         f"database   {report['database']}  table {report['queue_table']}",
         f"broker     {report['broker']}",
         f"amplitude  {report['amplitude']}",
+        *render_liveness(report),
         "",
         f"{'kind':<16}{'pending':>10}{'in_flight':>11}{'sent':>10}{'failed':>9}",
     ]
@@ -102,6 +194,42 @@ def render(report: dict) -> str:
         lines += ["", "most common errors of failed rows:"]
         lines += [f"  {e['rows']:>6} × {e['error']}" for e in report["common_errors"]]
     return "\n".join(lines)
+
+
+def render_liveness(report: dict) -> list[str]:
+    """The workers, beat and last-sync lines of the text report."""
+    if report.get("broker_error"):
+        return [f"workers    unknown: {report['broker_error']}"]
+    workers = report["workers"]
+    lines = [
+        f"workers    {len(workers)} live"
+        if workers
+        else f"workers    NONE: no heartbeat in the last {presence.WORKER_TTL_SECONDS} s; start "
+        "one with `ampsync run` or `celery -A tasks worker`"
+    ]
+    for w in workers:
+        processes = f", {w['concurrency']} processes" if w["concurrency"] else ""
+        lines.append(
+            f"  {w['name']}  heartbeat {_age(w['last_heartbeat_seconds_ago'])} ago  "
+            f"queues {', '.join(w['queues'])}{processes}"
+        )
+    beat = report["beat"]
+    if beat is None:
+        lines.append("beat       never ticked on this broker")
+    else:
+        late = " — LATE: is beat running?" if beat["late"] else ""
+        lines.append(
+            f"beat       last tick {_age(beat['last_tick_seconds_ago'])} ago "
+            f"({beat['last_entry']} from {beat['host']} pid {beat['pid']}){late}"
+        )
+    last = report["last_sync"]
+    lines.append(
+        "last sync  none yet"
+        if last is None
+        else f"last sync  {_age(last['seconds_ago'])} ago: run {last['run_id']}, "
+        f"{last['rows_claimed']} rows claimed in {last['batches_enqueued']} batches"
+    )
+    return lines
 
 
 def _age(seconds: float) -> str:

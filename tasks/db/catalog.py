@@ -32,6 +32,7 @@ from ..outcomes import KINDS, ORDERED_KINDS
 from ..settings import Settings
 from . import endpoints, history, queue, reports
 from . import feeds as db_feeds
+from . import metrics as db_metrics
 from .schema import QueueTables
 from .tsql import DriverSQL
 
@@ -493,7 +494,25 @@ def statements(
             "status", "users near the update limit", lambda c: reports.busy_users(c, tables, 1350)
         )
     capture("status", "failed rows", lambda c: reports.failed_rows(c, tables))
+    capture(
+        "retry-failed",
+        "failed rows by class",
+        lambda c: reports.failed_by_class(c, tables, "event", [IDS[0]], WHEN, WHEN),
+        [[(0, 0, 0, 0)]],
+    )
     capture("status", "database time", lambda c: reports.db_now(c), [[(WHEN,)]])
+    capture(
+        "metrics",
+        "oldest pending row of each kind",
+        lambda c: db_metrics.oldest_pending(c, tables),
+        [[(WHEN,)], []],
+    )
+    capture(
+        "metrics",
+        "batches finished since",
+        lambda c: db_metrics.finished_batches(c, tables, WHEN),
+        [[(WHEN,)], []],
+    )
 
     for feed in feeds if feeds is not None else example_feeds(dialect):
         _feed_statements(capture, tables, dialect, feed)

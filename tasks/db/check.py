@@ -138,9 +138,38 @@ def run(settings: Settings, engine: Engine | None = None) -> Report:
     report.results += server_facts(engine)
     report.results += permissions(engine, tables, settings.database_url)
     scratch_name = scratch_table_name(settings.queue_table)
+    if _least_privilege(engine, tables):
+        report.results += [
+            Result(
+                STATEMENTS,
+                name,
+                SKIPPED,
+                "this login may not create tables, as the workers' own login should not: the "
+                "statements run in a scratch table, so run `ampsync check` once with the login "
+                "that created the queue table (README, Security)",
+            )
+            for name, _ in STATEMENT_CHECKS
+        ]
+        return report
     report.scratch_table = scratch_name
     report.results += statements(engine, settings, scratch_name)
     return report
+
+
+def _least_privilege(engine: Engine, tables: QueueTables) -> bool:
+    """A server login whose queue tables exist and that may not create tables: the workers'
+    login of the README's Security section. Its permissions are checked; the statements, which
+    need a scratch table, are left to a login that may create one."""
+    if engine.dialect.name == "sqlite":
+        return False
+    try:
+        with engine.connect() as conn:
+            if not all(_has_table(conn, table) for table in _own_tables(tables)):
+                return False
+            schema = tables.queue.schema or inspect(conn).default_schema_name or ""
+            return not _may_create(conn, schema, _login(conn))[0]
+    except SQLAlchemyError:
+        return False  # the statements section then says what fails
 
 
 # --- 1. server facts ---------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Select, Update, select, update
+from sqlalchemy.exc import IntegrityError
 
 from . import retry
 from .schema import QueueTables
@@ -28,6 +29,14 @@ class EndpointState:
     def paused(self) -> bool:
         return (
             self.paused_until is not None and self.now is not None and self.paused_until > self.now
+        )
+
+    @property
+    def probe_due(self) -> bool:
+        """A pause ended and nothing went through since: one request probes before everyone
+        resumes (a success clears `paused_until`)."""
+        return (
+            self.paused_until is not None and self.now is not None and self.paused_until <= self.now
         )
 
     @property
@@ -105,7 +114,13 @@ def record_failure(
         c.execute(write)
         return pause
 
-    return retry.transaction(conn, run)
+    try:
+        return retry.transaction(conn, run)
+    except IntegrityError:
+        # Two workers' first failures raced to insert the endpoint's row: the other one's is
+        # there now, so the tally is read and updated. Raised, it would crash the send and
+        # strand its rows in flight until their lease expired.
+        return retry.transaction(conn, run)
 
 
 def clear_statement(tables: QueueTables, endpoint: str) -> Update:

@@ -22,23 +22,39 @@ from sqlalchemy import (
     Update,
     and_,
     case,
+    column,
     exists,
     func,
     literal,
     literal_column,
+    null,
     or_,
     select,
+    table,
+    type_coerce,
     update,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.expression import ColumnElement, Executable, FromClause
 
-from ..amplitude.payloads import ROW_COLUMNS
+from ..amplitude.limits import MAX_BYTES
+from ..amplitude.payloads import ROW_COLUMNS, row_limit
 from ..outcomes import FAILURE_CLASSES, GAVE_UP, INVALID, KINDS, ORDERED_KINDS, Kind
 from . import chunks, retry
 from .chunks import Change
 from .schema import QueueTables
-from .sql import FAILED, IN_FLIGHT, PENDING, SENT, bigint, lit, utcnow, utcnow_plus
+from .sql import (
+    FAILED,
+    IN_FLIGHT,
+    PENDING,
+    SENT,
+    LenientTime,
+    bigint,
+    lit,
+    stored_bytes,
+    utcnow,
+    utcnow_plus,
+)
 from .sql import token as token_literal
 from .tsql import CHUNK, DriverSQL, driver_sql
 
@@ -48,6 +64,14 @@ _IDS_PER_STATEMENT = CHUNK
 
 # Every statement ampsync sends: a SQLAlchemy statement, or a T-SQL batch (tasks/db/tsql.py).
 Statement = Executable | DriverSQL
+
+# The JSON a claim may take, as stored: rows are taken in id order until the count or these
+# bytes are reached (the first row always goes). One Batch request's worth: a send's memory
+# grows with what it loads, a few times the JSON's size (bench/README.md, "Memory (issue
+# 15)"), so 2,000 rows of 20 MB cannot all be loaded by one worker at once.
+CLAIM_BYTES = MAX_BYTES["batch"]
+# A row whose JSON is stored larger than any endpoint accepts is never loaded whole.
+LARGEST_ROW = max(row_limit(endpoint) for endpoint in MAX_BYTES)
 
 # --- claim -------------------------------------------------------------------------------------
 
@@ -107,7 +131,7 @@ def claim_statement(
     after_id: int = 0,
     after_identify: bool = False,
 ) -> tuple[Select[Any], Update]:
-    """The claim, as one statement (two on MySQL, which lacks UPDATE … RETURNING).
+    """The claim's parts: the locking SELECT of candidates and the UPDATE that stamps them.
 
     Due rows of one kind, oldest first, skipping rows another claim has locked. A row of an
     ordered kind waits while an earlier row of its key is in flight or backing off; an earlier
@@ -118,7 +142,8 @@ def claim_statement(
     flat (bench/README.md, finding 3). The same-key check ignores it.
     `after_identify`: an event waits while an earlier identify row of its user (else device)
     is pending or in flight, so Amplitude stamps it with the properties written before it.
-    Returns (select of candidate ids, update of those ids) — the update is `.returning(id)`.
+    Returns (select of candidate ids with their JSON's stored bytes, update of those ids);
+    `within_budget` takes the ids a claim keeps, `claim_statements` puts them together.
     """
     assert kind in KINDS
     q = tables.queue
@@ -152,8 +177,8 @@ def claim_statement(
         due = and_(due, ~waiting)
     if after_id:
         due = and_(due, candidate.c.id > after_id)
-    pick = (
-        select(candidate.c.id)
+    locked = (
+        select(candidate.c.id, _json_bytes(candidate).label("stored_bytes"))
         .where(due)
         .order_by(candidate.c.id)
         .limit(limit)
@@ -167,7 +192,33 @@ def claim_statement(
         attempts=q.c.attempts + 1,
         first_attempt_at=func.coalesce(q.c.first_attempt_at, utcnow()),
     )
-    return pick, stamp
+    return locked, stamp
+
+
+def _json_bytes(q: FromClause[Any]) -> ColumnElement[int]:
+    """The bytes of a row's JSON columns as stored, measured by the database."""
+    return stored_bytes(q.c.properties) + stored_bytes(q.c.extra)
+
+
+def _bytes_before(rows: FromClause[Any]) -> ColumnElement[int]:
+    """The JSON bytes of the rows ahead of each one in id order: a row is taken while this is
+    under the claim's budget, so the first always goes and the sum stops past the budget."""
+    size: ColumnElement[int] = rows.c.stored_bytes
+    running: ColumnElement[int] = func.sum(size).over(order_by=rows.c.id, rows=(None, 0))
+    return running - size
+
+
+def _budget(budget_bytes: int) -> ColumnElement[int]:
+    return bigint(literal(int(budget_bytes), BigInteger))
+
+
+def within_budget(locked: Select[Any], budget_bytes: int) -> Select[Any]:
+    """The ids of the locked candidates a claim takes: in id order until the byte budget.
+    The running sum sits outside the locking SELECT: PostgreSQL refuses FOR UPDATE beside a
+    window function, and inside it the sum would read every due row before the LIMIT."""
+    rows = locked.subquery("locked")
+    ranked = select(rows.c.id, _bytes_before(rows).label("bytes_before")).subquery("ranked")
+    return select(ranked.c.id).where(ranked.c.bytes_before < _budget(budget_bytes))
 
 
 # The columns the claim's CTE exposes to its UPDATE on SQL Server.
@@ -183,26 +234,41 @@ def claim_batch(
     dialect: Dialect,
     after_id: int = 0,
     after_identify: bool = False,
+    budget_bytes: int = CLAIM_BYTES,
 ) -> DriverSQL:
     """The claim on SQL Server: one table reference, read and locked under ROWLOCK, UPDLOCK,
     READPAST, and the claimed ids returned through OUTPUT … INTO a table variable (OUTPUT
-    without INTO fails once the queue table has a trigger). docs/sqlserver.md shows it."""
+    without INTO fails once the queue table has a trigger). The byte budget is a second CTE
+    over the locked ones; the UPDATE goes through it to the one table. docs/sqlserver.md
+    shows it."""
     if not token or any(c not in "0123456789abcdef" for c in token):
         raise ValueError(f"a claim token is hex digits, not {token!r}")
-    pick, _ = claim_statement(tables, kind, limit, lease_seconds, token, after_id, after_identify)
-    candidate = pick.selected_columns[0].table
-    rows = driver_sql(pick.with_only_columns(*(candidate.c[n] for n in _CLAIMED)), dialect)
+    locked, _ = claim_statement(tables, kind, limit, lease_seconds, token, after_id, after_identify)
+    candidate = locked.selected_columns[0].table
+    rows = driver_sql(
+        locked.with_only_columns(
+            *(candidate.c[n] for n in _CLAIMED), _json_bytes(candidate).label("stored_bytes")
+        ),
+        dialect,
+    )
     lease = str(utcnow_plus(lease_seconds).compile(dialect=dialect))
+    c = table("c", *(column(n) for n in (*_CLAIMED, "stored_bytes")))
+    ranked = select(*(c.c[n] for n in _CLAIMED), _bytes_before(c).label("bytes_before"))
+    budget = str(_budget(budget_bytes).compile(dialect=dialect, compile_kwargs=_INLINE))
     return DriverSQL(
         "DECLARE @ids TABLE (id BIGINT PRIMARY KEY);\n"
-        f"WITH c AS (\n{rows.sql}\n)\n"
-        f"UPDATE c SET status = {IN_FLIGHT}, claim_token = '{token}', locked_until = {lease}, "
+        f"WITH c AS (\n{rows.sql}\n),\n"
+        f"b AS (\n{ranked.compile(dialect=dialect)}\n)\n"
+        f"UPDATE b SET status = {IN_FLIGHT}, claim_token = '{token}', locked_until = {lease}, "
         "attempts = attempts + 1, "
         "first_attempt_at = COALESCE(first_attempt_at, SYSUTCDATETIME())\n"
-        "OUTPUT inserted.id INTO @ids;\n"
+        f"OUTPUT inserted.id INTO @ids\nWHERE bytes_before < {budget};\n"
         "SELECT id FROM @ids ORDER BY id",
         rows.params,
     )
+
+
+_INLINE = {"literal_binds": True}
 
 
 def claim_statements(
@@ -215,6 +281,7 @@ def claim_statements(
     after_id: int = 0,
     after_identify: bool = False,
     ids: Sequence[int] = (),
+    budget_bytes: int = CLAIM_BYTES,
 ) -> list[Statement]:
     """What a claim sends on `dialect`: the SQL Server batch; on MySQL/MariaDB (no UPDATE …
     RETURNING) the locking SELECT, then the UPDATE of the `ids` it returned; elsewhere one
@@ -222,12 +289,21 @@ def claim_statements(
     if dialect.name == "mssql":
         return [
             claim_batch(
-                tables, kind, limit, lease_seconds, token, dialect, after_id, after_identify
+                tables,
+                kind,
+                limit,
+                lease_seconds,
+                token,
+                dialect,
+                after_id,
+                after_identify,
+                budget_bytes,
             )
         ]
-    pick, stamp = claim_statement(
+    locked, stamp = claim_statement(
         tables, kind, limit, lease_seconds, token, after_id, after_identify
     )
+    pick = within_budget(locked, budget_bytes)
     q = tables.queue
     if dialect.name in ("mysql", "mariadb"):
         return [pick, *(stamp.where(q.c.id.in_(chunk)) for chunk in _chunks(list(ids)))]
@@ -242,15 +318,25 @@ def claim(
     lease_seconds: float,
     after_id: int = 0,
     after_identify: bool = False,
+    budget_bytes: int = CLAIM_BYTES,
 ) -> Claim:
-    """Claim up to `limit` due rows of `kind` with ids above `after_id` under a new token
-    (commits)."""
+    """Claim up to `limit` due rows of `kind` with ids above `after_id` under a new token,
+    in id order until their JSON reaches `budget_bytes` as stored (commits)."""
     token = uuid.uuid4().hex
     dialect = conn.dialect
 
     def statements(ids: Sequence[int] = ()) -> list[Statement]:
         return claim_statements(
-            tables, kind, limit, lease_seconds, token, dialect, after_id, after_identify, ids
+            tables,
+            kind,
+            limit,
+            lease_seconds,
+            token,
+            dialect,
+            after_id,
+            after_identify,
+            ids,
+            budget_bytes,
         )
 
     def run(c: Connection) -> list[int]:
@@ -407,24 +493,31 @@ def renew(conn: Connection, tables: QueueTables, token: str, lease_seconds: floa
     return retry.transaction(conn, lambda c: int(c.execute(statement).rowcount))
 
 
-def renew_and_load_statement(tables: QueueTables, token: str, send_seconds: float) -> Select[Any]:
+def renew_and_load_statement(
+    tables: QueueTables, token: str, send_seconds: float, max_row_bytes: int = LARGEST_ROW
+) -> Select[Any]:
     """The claim's rows, each with whether its lease is shorter than `send_seconds`."""
     q = tables.queue
     short = (q.c.locked_until < utcnow_plus(send_seconds)).label("short")
-    return load_statement(tables, token).add_columns(short)
+    return load_statement(tables, token, max_row_bytes).add_columns(short)
 
 
 def renew_and_load(
-    conn: Connection, tables: QueueTables, token: str, lease_seconds: float, send_seconds: float
+    conn: Connection,
+    tables: QueueTables,
+    token: str,
+    lease_seconds: float,
+    send_seconds: float,
+    max_row_bytes: int = LARGEST_ROW,
 ) -> Sequence[Row[Any]]:
     """The claim's rows in id order, their lease renewed; [] when the claim is no longer ours.
 
     The lease is written only when what is left would not cover a send of the longest allowed
     time, `send_seconds` (the message waited in the broker): every UPDATE writes a new version
     of each row and its index entries, and a renewal nobody needs was a third of the
-    database's writes per row.
+    database's writes per row. What `load_statement` says of large rows and bad times holds.
     """
-    statement = renew_and_load_statement(tables, token, send_seconds)
+    statement = renew_and_load_statement(tables, token, send_seconds, max_row_bytes)
     rows = retry.transaction(conn, lambda c: c.execute(statement).all())
     if rows and rows[0].short:  # one claim, one statement: every row has the same lease
         renew(conn, tables, token, lease_seconds)
@@ -515,13 +608,37 @@ def defer_out_of_order(conn: Connection, tables: QueueTables, kind: str, token: 
     return set(retry.transaction(conn, run))
 
 
-def load_statement(tables: QueueTables, token: str) -> Select[Any]:
+_JSON_COLUMNS = ("properties", "extra")
+_TIME_COLUMNS = ("event_time", "created_at")
+
+
+def load_statement(
+    tables: QueueTables, token: str, max_row_bytes: int = LARGEST_ROW
+) -> Select[Any]:
+    """The claim's rows (ROW_COLUMNS, then `oversized`), each guarded so that it can fail
+    alone: properties and extra stored over `max_row_bytes` are left in the database (NULL
+    here) and `oversized` says their size, so a row no request can carry never reaches the
+    worker's memory; a time the dialect cannot parse arrives as stored (`LenientTime`).
+    The payload builder fails such rows with their reason."""
     q = tables.queue
-    return select(*(q.c[name] for name in ROW_COLUMNS)).where(_mine(q, token)).order_by(q.c.id)
+    size = _json_bytes(q)
+    over = size > _budget(max_row_bytes)
+    columns: list[ColumnElement[Any]] = []
+    for name in ROW_COLUMNS:
+        if name in _JSON_COLUMNS:
+            columns.append(case((over, null()), else_=q.c[name]).label(name))
+        elif name in _TIME_COLUMNS:
+            columns.append(type_coerce(q.c[name], LenientTime()).label(name))
+        else:
+            columns.append(q.c[name])
+    oversized = case((over, size), else_=null()).label("oversized")
+    return select(*columns, oversized).where(_mine(q, token)).order_by(q.c.id)
 
 
-def load(conn: Connection, tables: QueueTables, token: str) -> Sequence[Row[Any]]:
-    statement = load_statement(tables, token)
+def load(
+    conn: Connection, tables: QueueTables, token: str, max_row_bytes: int = LARGEST_ROW
+) -> Sequence[Row[Any]]:
+    statement = load_statement(tables, token, max_row_bytes)
     return retry.transaction(conn, lambda c: c.execute(statement).all())
 
 

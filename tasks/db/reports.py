@@ -4,12 +4,15 @@ oldest pending row, rows on backoff, the commonest errors of failed rows."""
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, Select, case, func, select
 
-from ..outcomes import Kind
+from ..outcomes import FAILURE_CLASSES, Kind
+from . import retry
+from .queue import _failed_where, _id_filters
 from .schema import QueueTables
 from .sql import FAILED, PENDING, SENT, lit, utcnow, utcnow_plus
 
@@ -127,3 +130,41 @@ def db_now(conn: Connection) -> datetime:
     """The database's current UTC time."""
     with conn.begin():
         return conn.execute(select(utcnow())).scalar_one()
+
+
+def failed_by_class_statements(
+    tables: QueueTables,
+    kind: str | None = None,
+    ids: Sequence[int] | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> list[Select[Any]]:
+    """Failed rows of `retry-failed`'s selection (any class): all of them, then each class's
+    (the prefix of `last_error`, tasks/outcomes.py), one statement per chunk of ids."""
+    q = tables.queue
+    where = _failed_where(q, kind, None, since, until)
+    per_class = [
+        func.sum(case((q.c.last_error.like(prefix + "%"), 1), else_=0))
+        for prefix in FAILURE_CLASSES.values()
+    ]
+    columns: list[Any] = [func.count(), *per_class]
+    return [select(*columns).where(*where, *chunk) for chunk in _id_filters(q, ids)]
+
+
+def failed_by_class(
+    conn: Connection,
+    tables: QueueTables,
+    kind: str | None = None,
+    ids: Sequence[int] | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> dict[str, int]:
+    """{failure class: failed rows} of the selection, classes without rows left out; rows
+    whose error opens with no known class count as `other`."""
+    statements = failed_by_class_statements(tables, kind, ids, since, until)
+    totals = [0] * (len(FAILURE_CLASSES) + 1)
+    for row in retry.transaction(conn, lambda c: [c.execute(st).one() for st in statements]):
+        totals = [t + int(n or 0) for t, n in zip(totals, row, strict=True)]
+    counts = dict(zip(FAILURE_CLASSES, totals[1:], strict=True))
+    counts["other"] = totals[0] - sum(totals[1:])
+    return {name: n for name, n in counts.items() if n}

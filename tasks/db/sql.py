@@ -15,7 +15,15 @@ import re
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, Integer, String, TypeDecorator, cast, literal_column
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Integer,
+    String,
+    TypeDecorator,
+    cast,
+    literal_column,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -197,3 +205,65 @@ class Id(TypeDecorator[int]):
 
     def bind_expression(self, bindvalue: BindParameter[int]) -> ColumnElement[int]:
         return bigint(bindvalue)
+
+
+# --- stored sizes and lenient reads ------------------------------------------------------------
+
+
+class stored_bytes(FunctionElement[int]):
+    """The bytes a text column holds, as UTF-8, measured by the database without handing the
+    value to Python; 0 for NULL. On SQL Server NVARCHAR holds UTF-16, two bytes a character
+    (four for a surrogate pair): half of DATALENGTH never exceeds the UTF-8 size, so a row is
+    never judged larger than it is (docs/architecture.md, "Memory")."""
+
+    type = BigInteger()
+    inherit_cache = True
+
+
+@compiles(stored_bytes)
+def _stored_bytes_default(element: stored_bytes, compiler: SQLCompiler, **kw: Any) -> str:
+    # SQLite: LENGTH of text counts characters; of the same value as a BLOB, its bytes.
+    (value,) = element.clauses
+    return f"COALESCE(LENGTH(CAST({compiler.process(value, **kw)} AS BLOB)), 0)"
+
+
+@compiles(stored_bytes, "postgresql")
+def _stored_bytes_pg(element: stored_bytes, compiler: SQLCompiler, **kw: Any) -> str:
+    # OCTET_LENGTH reads the size from a TOASTed value's header: nothing is decompressed.
+    (value,) = element.clauses
+    return f"COALESCE(OCTET_LENGTH({compiler.process(value, **kw)}), 0)"
+
+
+@compiles(stored_bytes, "mysql")
+@compiles(stored_bytes, "mariadb")
+def _stored_bytes_mysql(element: stored_bytes, compiler: SQLCompiler, **kw: Any) -> str:
+    (value,) = element.clauses  # LENGTH counts bytes in the column's character set (utf8mb4)
+    return f"COALESCE(LENGTH({compiler.process(value, **kw)}), 0)"
+
+
+@compiles(stored_bytes, "mssql")
+def _stored_bytes_mssql(element: stored_bytes, compiler: SQLCompiler, **kw: Any) -> str:
+    (value,) = element.clauses
+    return f"COALESCE(DATALENGTH({compiler.process(value, **kw)}) / 2, 0)"
+
+
+class LenientTime(TypeDecorator[datetime]):
+    """A time column read so that a value the dialect cannot parse (any text fits a SQLite
+    time column) reaches Python as stored instead of failing the whole result: the payload
+    builder then fails that row alone, with the value in its reason."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def result_processor(self, dialect: Dialect, coltype: object) -> Any:
+        parse = self.impl_instance.result_processor(dialect, coltype)
+        if parse is None:
+            return None
+
+        def process(value: Any) -> Any:
+            try:
+                return parse(value)
+            except (ValueError, TypeError):
+                return value
+
+        return process

@@ -21,7 +21,7 @@ from ..settings import Settings
 from . import policy
 from .results import SendResult, SyncResult
 from .send import run_send
-from .shared import ClaimFloors, RateLimiter, ThrottledIds
+from .shared import ClaimFloors, Outcomes, ProbeTurn, RateLimiter, ThrottledIds
 from .sync import run_sync
 
 
@@ -53,6 +53,14 @@ class Pipeline:
     @cached_property
     def throttled(self) -> ThrottledIds:
         return ThrottledIds(self.redis)
+
+    @cached_property
+    def outcomes(self) -> Outcomes:
+        return Outcomes(self.redis, self.settings.queue_table)
+
+    @cached_property
+    def probe(self) -> ProbeTurn:
+        return ProbeTurn(self.redis, self.settings.queue_table)
 
     @cached_property
     def rate(self) -> RateLimiter:

@@ -46,7 +46,12 @@ def run_send(
     with p.engine.connect() as conn:
         given_up = queue.count_rerun(conn, p.tables, token, s.max_attempts) if rerun else 0
         rows = queue.renew_and_load(
-            conn, p.tables, token, s.lease_seconds, policy.send_time_limit(s.lease_seconds)
+            conn,
+            p.tables,
+            token,
+            s.lease_seconds,
+            policy.send_time_limit(s.lease_seconds),
+            payloads.row_limit(endpoint),  # larger JSON stays in the database, the row fails
         )
         if not rows:
             result.stale = not given_up  # another sync reclaimed these rows: send nothing
@@ -66,7 +71,12 @@ def run_send(
         ack = Acknowledgement(sent=[], failed=dict(prepared.invalid), retry={})
         state = endpoints.read(conn, p.tables, endpoint)
         p.failing[endpoint] = state.failures > 0
-        if state.paused:
+        probing = state.probe_due
+        if state.paused or (
+            probing and not p.probe.take(endpoint, policy.probe_seconds(s.http_timeout_seconds))
+        ):
+            # Paused: the rows wait it out, attempts refunded. Another send is probing after
+            # the pause: they wait a second (syncs claim one batch of a probing endpoint).
             result.paused = state.reason
             retry(
                 ack,
@@ -76,7 +86,7 @@ def run_send(
                 reason=f"{RETRYING} {endpoint} paused: {state.reason}",
             )
         else:
-            deliver(p, conn, endpoint, prepared.items, ack, rows, result)
+            deliver(p, conn, endpoint, prepared.items, ack, rows, result, probing)
         t3 = clock()
         ack.all_sent = len(ack.sent) == len(rows)
         result.sent = len(ack.sent)
@@ -154,9 +164,12 @@ def deliver(
     ack: Acknowledgement,
     rows: Sequence[Any],
     result: SendResult,
+    probing: bool = False,
 ) -> None:
-    """Send the items in requests, in order; the endpoint's shared failure tally is kept here,
-    what each answer means for the rows is `Delivery.apply`'s."""
+    """Send the items in requests, in order; the endpoint's shared state (failures, pauses,
+    the probe after a pause, the adaptive rate) is kept here, what each answer means for the
+    rows is `Delivery.apply`'s. `probing`: this send's first request is the one that goes
+    after a pause, before every worker resumes."""
     s = p.settings
     delivery = Delivery(s, endpoint, ack, rows, result)
     delivery.plan(items)
@@ -167,8 +180,26 @@ def deliver(
         answer = p.client.send(endpoint, request)
         reading = delivery.judge(read(answer, request, endpoint))
         pause = 0.0
+        failed = reading.verdict in (Verdict.TRANSIENT, Verdict.PAUSE) or (
+            reading.verdict is Verdict.BLOCKED and len(request) == 1 and delivery.current is None
+        )
+        window = p.outcomes.add(endpoint, failed)
+        if failed:
+            pause = _record_failure(p, conn, endpoint, reading, window, probing)
+        elif probing or reading.verdict is Verdict.SENT:
+            _record_success(p, conn, endpoint, probing)
+        if probing:
+            p.probe.release(endpoint)
+            probing = False
+        if reading.verdict is Verdict.THROTTLED and policy.project_throttled(
+            len(reading.throttled), len(request)
+        ):
+            cut = p.rate.throttled()
+            if cut:
+                log.warning(
+                    "%s throttled the project: shared rate cut to %.0f events/s", endpoint, cut
+                )
         if reading.verdict is Verdict.SENT:
-            _record_success(p, conn, endpoint)
             short = not_ingested(answer, request, endpoint)
             if short:
                 result.not_ingested += short
@@ -179,28 +210,44 @@ def deliver(
                     short,
                     result.token,
                 )
-        elif reading.verdict in (Verdict.TRANSIENT, Verdict.PAUSE) or (
-            reading.verdict is Verdict.BLOCKED and len(request) == 1 and delivery.current is None
-        ):
-            pause = _record_failure(p, conn, endpoint, reading)
         delivery.apply(answer.status, reading, request, pause)
+    if probing:  # nothing was sent (every row invalid or held back): let another send probe
+        p.probe.release(endpoint)
     delivery.finish()
     p.throttled.remember(endpoint, delivery.throttled_keys, policy.throttle_wait(endpoint, s))
     p.throttled.remember(endpoint, delivery.quota_keys, s.daily_quota_wait_seconds)
 
 
-def _record_failure(p: Pipeline, conn: Connection, endpoint: str, reading: Reading) -> float:
-    """Count a failure of the endpoint; past the threshold (or at once for a bad key or a 403)
-    it pauses for all workers. Returns the pause in seconds, 0 when not paused."""
+def _record_failure(
+    p: Pipeline,
+    conn: Connection,
+    endpoint: str,
+    reading: Reading,
+    window: list[bool],
+    probing: bool,
+) -> float:
+    """Count a failure of the endpoint. It pauses for all workers when failure is sustained
+    across requests and workers (`policy.sustained_failure` over `window`), when the probe
+    after a pause fails, or at once for a bad key or a request Amplitude refuses as such.
+    Returns the pause in seconds, 0 when not paused."""
     s = p.settings
+    pausing = (
+        probing
+        or reading.verdict is Verdict.PAUSE
+        or policy.sustained_failure(window, s.pause_after_failures, s.pause_failure_ratio)
+    )
     pause = endpoints.record_failure(
         conn,
         p.tables,
         endpoint,
         s.pause_after_failures if reading.verdict is Verdict.PAUSE else 1,
         reading.reason,
-        lambda failures: policy.pause_seconds(
-            failures, s.pause_after_failures, s.pause_base_seconds, s.pause_max_seconds
+        lambda failures: (
+            policy.pause_seconds(
+                failures, s.pause_after_failures, s.pause_base_seconds, s.pause_max_seconds
+            )
+            if pausing
+            else 0.0
         ),
     )
     p.failing[endpoint] = True
@@ -209,7 +256,9 @@ def _record_failure(p: Pipeline, conn: Connection, endpoint: str, reading: Readi
     return pause
 
 
-def _record_success(p: Pipeline, conn: Connection, endpoint: str) -> None:
+def _record_success(p: Pipeline, conn: Connection, endpoint: str, probing: bool) -> None:
+    if probing:  # Amplitude answers again after a pause: its failures are history
+        p.outcomes.forget(endpoint)
     if not p.failing.get(endpoint):
         return  # nothing to reset: no write on the hot path
     p.failing[endpoint] = False
@@ -242,6 +291,7 @@ class Delivery:
         # Ids Amplitude throttled in this batch, and those over their daily quota.
         self.throttled_keys: set[str] = set()
         self.quota_keys: set[str] = set()
+        self.status = 0  # the HTTP status of the answer being applied (0: none)
 
     def plan(self, items: list[Prepared]) -> None:
         s = self.settings
@@ -309,6 +359,7 @@ class Delivery:
         """Apply one answer (`status` its HTTP status, 0 for none); `pause` is how long the
         endpoint now pauses for every worker (0: not paused)."""
         self.result.requests += 1
+        self.status = status
         answer = str(status or "no answer")
         self.result.answers[answer] = self.result.answers.get(answer, 0) + 1
         ack, verdict = self.ack, reading.verdict
@@ -381,9 +432,13 @@ class Delivery:
                 refund=True,
                 reason=f"{RETRYING} user over Amplitude's daily quota; retrying hourly",
             )
+        # The project's limit, not these users': the shared rate is cut instead
+        # (`deliver`), and other batches need not hold these users' rows.
+        project = policy.project_throttled(len(reading.throttled), len(request))
         for index in sorted(reading.throttled):
             self.waiting_keys |= keys(request[index])
-            self.throttled_keys |= keys(request[index])
+            if not project:
+                self.throttled_keys |= keys(request[index])
             retry(
                 self.ack,
                 list(request[index].ids()),
@@ -433,6 +488,13 @@ class Delivery:
         attempts fail."""
         s = self.settings
         attempts = {r.id: r.attempts for r in self.rows}  # only here: not on every batch's hot path
+        base, ceiling = policy.retry_steps(
+            self.status,
+            s.backoff_base_seconds,
+            s.backoff_base_5xx_seconds,
+            s.backoff_max_seconds,
+            s.backoff_max_5xx_seconds,
+        )
         # One jittered delay per attempt count, not per row: rows of a request come due together
         # and rejoin a full batch instead of going out one or two per request.
         delays: dict[int, float] = {}
@@ -442,7 +504,7 @@ class Delivery:
                 self.ack.failed[row_id] = f"{GAVE_UP} {n} attempts: {reading.reason}"
             else:
                 if n not in delays:
-                    delays[n] = policy.backoff(n, s.backoff_base_seconds, s.backoff_max_seconds)
+                    delays[n] = policy.backoff(n, base, ceiling)
                 retry(
                     self.ack,
                     [row_id],

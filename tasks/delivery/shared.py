@@ -1,5 +1,6 @@
-"""What workers share through Redis (the broker): where the next claim of a kind starts, and
-the events-per-second timeline. Both are hints: losing them costs speed, never a row."""
+"""What workers share through Redis (the broker): where the next claim of a kind starts, the
+events-per-second timeline and its adaptive cap, the users Amplitude throttled, and the outcomes
+of each endpoint's last requests. All are hints: losing them costs speed, never a row."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import time
 from typing import Any
 
 import redis
+
+from . import policy
 
 
 class ClaimFloors:
@@ -48,9 +51,28 @@ class ClaimFloors:
 
 
 class RateLimiter:
-    """AMPSYNC_EVENTS_PER_SECOND shared by every worker: each request reserves its slot on one
-    timeline in Redis (its clock, not a worker's) and sleeps until the slot starts."""
+    """The events-per-second cap shared by every worker: AMPSYNC_EVENTS_PER_SECOND (0: none),
+    cut when Amplitude throttles the project and grown back (`policy.allowed_rate`). Each
+    request reserves its slot on one timeline in Redis (its clock, not a worker's) and sleeps
+    until the slot starts; the events sent per second are counted, so that a cut with no cap in
+    force starts from what the workers were really sending."""
 
+    # The Redis clock, and the cut in force ("rate:since"), with this request counted.
+    _LOOK = """
+    local t = redis.call('TIME')
+    local bucket = ARGV[1] .. t[1]
+    redis.call('INCRBY', bucket, ARGV[2])
+    redis.call('EXPIRE', bucket, 3)
+    return {t[1] .. '.' .. string.format('%06d', tonumber(t[2])), redis.call('GET', KEYS[1])}
+    """
+    # The same, and the events counted in the last second and in this one so far.
+    _OBSERVE = """
+    local t = redis.call('TIME')
+    local now = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+    local last = redis.call('GET', ARGV[1] .. (tonumber(t[1]) - 1)) or '0'
+    local this = redis.call('GET', ARGV[1] .. t[1]) or '0'
+    return {now, redis.call('GET', KEYS[1]), last, this}
+    """
     _RESERVE = """
     local t = redis.call('TIME')
     local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -60,18 +82,55 @@ class RateLimiter:
     return tostring(start - now)
     """
     KEY = "ampsync:eps:next"
+    CUT_KEY = "ampsync:eps:cut"
+    COUNT_PREFIX = "ampsync:eps:count:"
 
     def __init__(self, client: redis.Redis | None, events_per_second: int) -> None:
         self.client = client
         self.events_per_second = events_per_second
 
     def wait_for(self, events: int) -> None:
-        if not self.events_per_second or self.client is None:
+        if self.client is None:
             return
-        reply: Any = self.client.eval(self._RESERVE, 1, self.KEY, events / self.events_per_second)
+        now, cut = self.client.eval(self._LOOK, 1, self.CUT_KEY, self.COUNT_PREFIX, events)
+        rate = self._allowed(float(now), cut)
+        if not rate:
+            return
+        reply: Any = self.client.eval(self._RESERVE, 1, self.KEY, events / rate)
         wait = float(reply)
         if wait > 0:
             time.sleep(wait)
+
+    def allowed(self) -> float:
+        """The cap in force now, events/s (0: none)."""
+        if self.client is None:
+            return float(self.events_per_second)
+        now, cut, _last, _this = self.client.eval(self._OBSERVE, 1, self.CUT_KEY, self.COUNT_PREFIX)
+        return self._allowed(float(now), cut)
+
+    def throttled(self) -> float | None:
+        """Amplitude throttled the project: cut the shared rate (`policy.cut_rate`) unless it
+        was cut a moment ago; returns the new cap, None when not cut."""
+        if self.client is None:
+            return None
+        now_text, cut, last, this = self.client.eval(
+            self._OBSERVE, 1, self.CUT_KEY, self.COUNT_PREFIX
+        )
+        now = float(now_text)
+        since = now - float(cut.split(b":")[1]) if cut else None
+        if not policy.may_cut(since):
+            return None
+        allowed = self._allowed(now, cut)
+        rate = policy.cut_rate(allowed, float(max(int(last), int(this))), self.events_per_second)
+        lifetime = policy.cut_lifetime(rate, self.events_per_second)
+        self.client.set(self.CUT_KEY, f"{rate}:{now}", px=int(lifetime * 1000))
+        return rate
+
+    def _allowed(self, now: float, cut: bytes | None) -> float:
+        if not cut:
+            return float(self.events_per_second)
+        rate, since = (float(v) for v in cut.split(b":"))
+        return policy.allowed_rate(rate, now - since, self.events_per_second)
 
 
 class ThrottledIds:
@@ -116,3 +175,58 @@ class ThrottledIds:
         # The marker lives as long as the longest window of any id behind it.
         pipe.eval(self._EXTEND, 1, marker, ttl)
         pipe.execute()
+
+
+class Outcomes:
+    """The outcomes of an endpoint's last requests, from every worker (newest first, at most
+    `policy.OUTCOME_WINDOW`), so that a pause follows failure that is consistent across
+    requests and workers (`policy.sustained_failure`), not one worker's unlucky 5xx. One round
+    trip per request. The window lapses after PATIENCE_SECONDS without a request."""
+
+    PATIENCE_SECONDS = 300
+
+    def __init__(self, client: redis.Redis | None, queue_table: str) -> None:
+        self.client = client
+        self.queue_table = queue_table
+
+    def key(self, endpoint: str) -> str:
+        return f"ampsync:outcomes:{self.queue_table}:{endpoint}"
+
+    def add(self, endpoint: str, failed: bool) -> list[bool]:
+        """Record one request's outcome; returns the window with it. Without Redis, only this
+        outcome: then a single failure counts as the whole window."""
+        if self.client is None:
+            return [failed]
+        key = self.key(endpoint)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.lpush(key, int(failed))
+        pipe.ltrim(key, 0, policy.OUTCOME_WINDOW - 1)
+        pipe.expire(key, self.PATIENCE_SECONDS)
+        pipe.lrange(key, 0, -1)
+        window = pipe.execute()[-1]
+        return [v == b"1" for v in window]
+
+    def forget(self, endpoint: str) -> None:
+        """A probe went through after a pause: the failures before it are history."""
+        if self.client is not None:
+            self.client.delete(self.key(endpoint))
+
+
+class ProbeTurn:
+    """After a pause one request goes first: the worker whose send takes this turn probes; the
+    others give their rows back until the probe's answer clears or renews the pause. A lost
+    turn (Redis restarted, the prober died) costs at most a second probe."""
+
+    def __init__(self, client: redis.Redis | None, queue_table: str) -> None:
+        self.client = client
+        self.queue_table = queue_table
+
+    def take(self, endpoint: str, seconds: float) -> bool:
+        if self.client is None:
+            return True
+        key = f"ampsync:probe:{self.queue_table}:{endpoint}"
+        return bool(self.client.set(key, 1, nx=True, px=max(1, int(seconds * 1000))))
+
+    def release(self, endpoint: str) -> None:
+        if self.client is not None:
+            self.client.delete(f"ampsync:probe:{self.queue_table}:{endpoint}")

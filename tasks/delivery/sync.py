@@ -33,11 +33,14 @@ def run_sync(
         )
         room = max(0, s.max_queued_batches - queued_batches)
         paused: dict[str, str] = {}
+        probing: set[str] = set()  # endpoints whose pause ended: one batch probes first
         for kind in kinds:
             state = endpoints.read(conn, p.tables, p.endpoint(kind))
             p.failing[state.endpoint] = state.failures > 0
             if state.paused:
                 paused[kind] = state.reason or ""
+            elif state.probe_due:
+                probing.add(state.endpoint)
         result.paused = {p.endpoint(k): reason for k, reason in paused.items()}
         active = [k for k in kinds if k not in paused]
         floors = p.floors.read(active)
@@ -46,6 +49,8 @@ def run_sync(
             for kind in list(active):
                 if room == 0:
                     break
+                if kind not in active:  # its endpoint's probe batch was just claimed
+                    continue
                 limit, floor = p.rows_per_request(p.endpoint(kind)), floors[kind]
                 claim = queue.claim(
                     conn,
@@ -63,6 +68,8 @@ def run_sync(
                     continue
                 enqueue(kind, claim.token, result.run_id)
                 room -= 1
+                if p.endpoint(kind) in probing:  # the probe's batch; the rest after its answer
+                    active = [k for k in active if p.endpoint(k) != p.endpoint(kind)]
                 result.rows_claimed += claim.rows
                 result.batches_enqueued += 1
                 result.by_kind[kind] = result.by_kind.get(kind, 0) + claim.rows

@@ -8,13 +8,14 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from .. import redact
 from ..amplitude.limits import COLUMN_FIELDS, RESERVED_EVENT_TYPES
 from ..outcomes import KINDS
 from .errors import FeedConfigError, FeedError
@@ -112,6 +113,12 @@ class Feed:
     fields: dict[str, str] = field(default_factory=dict)  # column → Amplitude event field
     path: str = ""
     lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    def __repr__(self) -> str:
+        # A feed ends up in tracebacks and debug logs: its source URL without the password.
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.repr}
+        values["source_url"] = redact.url(self.source_url)
+        return f"Feed({', '.join(f'{name}={value!r}' for name, value in values.items())})"
 
     @property
     def dialect(self) -> str:

@@ -9,13 +9,16 @@ event carries an insert_id.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import os
+from collections.abc import Callable
 
 from celery import Celery, signals
 from kombu import Queue
 from sqlalchemy.exc import SQLAlchemyError
 
-from .. import broker, logs
+from .. import broker, logs, redact
 from .. import settings as settings_module
 from ..db import engine as db_engine
 from ..db import schema, setup
@@ -67,8 +70,13 @@ def _configure(s: settings_module.Settings) -> None:
             "ampsync.send_batch": {"queue": SEND_QUEUE},
         },
         worker_concurrency=s.worker_concurrency,
+        # Memory a send of big rows leaves behind (the allocator keeps it) is given back by
+        # replacing the process after its task; a claim's bytes bound the peak itself.
+        worker_max_memory_per_child=s.worker_max_memory_mb * 1024 or None,  # KiB; 0 → never
         worker_hijack_root_logger=True,
         beat_schedule=_beat_schedule(),
+        # Celery's scheduler plus beat's last tick in Redis and a feeds file followed live.
+        beat_scheduler="tasks.worker.beat:Scheduler",
         timezone="UTC",
         enable_utc=True,
     )
@@ -86,31 +94,60 @@ with contextlib.suppress(settings_module.SettingsError):
     _configure(settings_module.get())
 
 
+def _refuse_to_start(check: Callable[..., None]) -> Callable[..., None]:
+    """A start-up check whose failure stops the process with one line.
+
+    Celery catches every Exception a signal handler raises, logs it and goes on to say
+    `ready.`: a worker that cannot work would then fail every task. SystemExit is not an
+    Exception, so it gets through and the process exits 1 with the line on stderr.
+    """
+
+    @functools.wraps(check)
+    def guarded(**kwargs: object) -> None:
+        try:
+            check(**kwargs)
+        except settings_module.SettingsError as exc:
+            raise SystemExit(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - anything unforeseen must stop it too
+            first = redact.cut((str(exc).strip().splitlines() or [""])[0], 300)
+            raise SystemExit(
+                f"ampsync: the start-up check failed: {type(exc).__name__}: {first}"
+            ) from None
+
+    return guarded
+
+
 @signals.celeryd_init.connect
-def _check_worker_start(**_kwargs) -> None:
+@_refuse_to_start
+def _check_worker_start(**_kwargs: object) -> None:
     """Workers check settings, the broker and the queue table before taking work."""
+    os.umask(settings_module.PRIVATE_UMASK)
     s = settings_module.get()
     s.require_api_key()
     broker.check(s.celery_broker_url)
     tables = schema.define_tables(s.queue_table)
-    engine = db_engine.make_engine(s.database_url)
     try:
-        with engine.connect() as conn:
-            problem = setup.check_table(conn, tables)
+        engine = db_engine.make_engine(s.database_url)
+        try:
+            with engine.connect() as conn:
+                problem = setup.check_table(conn, tables)
+        finally:
+            engine.dispose()
     except SQLAlchemyError as exc:
         raise settings_module.SettingsError(
             "AMPSYNC_DATABASE_URL: " + db_engine.describe_db_error(exc, s.database_url)
         ) from None
-    finally:
-        engine.dispose()
     if problem:
         raise settings_module.SettingsError(problem)
 
 
 @signals.beat_init.connect
-def _check_beat_start(**_kwargs) -> None:
+@_refuse_to_start
+def _check_beat_start(**_kwargs: object) -> None:
     import beat_schedule
 
+    os.umask(settings_module.PRIVATE_UMASK)  # its schedule file
+    logs.note_dotenv()
     broker.check(settings_module.get().celery_broker_url)
     beat_schedule.check_feeds()
 
@@ -127,6 +164,11 @@ def _log_format(logger: logging.Logger, **_kwargs) -> None:
 def _json_warnings(**_kwargs) -> None:
     if logs.resolve() == "json":
         logs.json_warnings()
+
+
+@signals.celeryd_after_setup.connect
+def _name_the_dotenv(**_kwargs) -> None:
+    logs.note_dotenv()  # after logging is set up, so the line reaches the worker's log
 
 
 @signals.celeryd_after_setup.connect

@@ -15,9 +15,13 @@ from .. import settings as settings_module
 from ..db import queue
 from ..delivery.pipeline import Pipeline
 from ..outcomes import KINDS
+from . import presence
 from .app import SEND_QUEUE, SYNC_QUEUE, app
 
 log = logging.getLogger("ampsync.tasks")
+
+# Workers keep a heartbeat key in Redis for `ampsync status` and `ampsync sync`.
+presence.connect_signals()
 
 # A sync that filled the broker's room comes back this soon, so throughput does not hang on
 # AMPSYNC_SYNC_INTERVAL. Claims of one sync run one after another, so one chain of follow-ups
@@ -43,6 +47,8 @@ class AmpsyncTask(Task):
         return cls._pipeline
 
     def apply_async(self, *args, **kwargs):
+        # A wrong setting left the app unconfigured on import: say which, not "no broker".
+        settings_module.get()
         if not self.app.conf.broker_url:
             raise settings_module.SettingsError(broker.NO_BROKER)
         return super().apply_async(*args, **kwargs)
@@ -82,6 +88,15 @@ def sync(self: AmpsyncTask, kind: str | None = None, chain: int | None = None) -
                     countdown=FOLLOW_UP_SECONDS,
                     queue=SYNC_QUEUE,
                 )
+    if redis is not None:
+        presence.record_sync(
+            redis,
+            {
+                "run_id": result.run_id,
+                "rows_claimed": result.rows_claimed,
+                "batches_enqueued": result.batches_enqueued,
+            },
+        )
     log.info(
         "sync %s: %d rows claimed in %d batches%s",
         result.run_id,

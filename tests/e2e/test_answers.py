@@ -168,7 +168,7 @@ def test_a_timeout_counts_as_transient_and_the_row_is_delivered_later(make_stack
 
 def test_a_row_that_keeps_failing_ends_failed_after_the_maximum_attempts(make_stack):
     # given an endpoint answering 500 to every request, and pauses that never kick in
-    stack = make_stack(AMPSYNC_MAX_ATTEMPTS="3", AMPSYNC_PAUSE_AFTER_FAILURES="100")
+    stack = make_stack(AMPSYNC_MAX_ATTEMPTS="3", AMPSYNC_PAUSE_AFTER_FAILURES="20")
     stack.start_worker()
     stack.emulator.set_faults(fail_before_rate=1.0, fail_codes=[500])
     ids = stack.insert([identify("user-00001", {"CRM_Level": 1})])

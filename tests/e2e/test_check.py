@@ -9,11 +9,13 @@ time. The README's SQL Server GRANT lines are the ones the check names.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -145,21 +147,34 @@ def test_json_output_parses_and_says_the_same(database, queue_at, tmp_path):
     assert scratch_tables(url, table) == []
 
 
-def test_a_postgresql_login_without_update_is_told_the_grant(queue_at):
-    # given a role that may read, insert and delete the queue rows but not update them
-    table = queue_at(PG_URL)
-    role = f"ampsync_ro_{uuid.uuid4().hex[:6]}"
+@contextlib.contextmanager
+def pg_login(table: str, schema_grant: str, queue_grant: str) -> Iterator[tuple[str, str]]:
+    """A PostgreSQL role with `schema_grant` on public, `queue_grant` on the queue table and
+    everything on ampsync's own tables: (its URL, its name); dropped after."""
+    role = f"ampsync_lp_{uuid.uuid4().hex[:6]}"
     admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
     own = [f"{table}_{suffix}" for suffix in ("endpoints", "runs", "feeds", "feed_state")]
     with admin.connect() as conn:
         conn.execute(text(f"CREATE ROLE {role} LOGIN"))
-        conn.execute(text(f"GRANT CREATE, USAGE ON SCHEMA public TO {role}"))
-        conn.execute(text(f"GRANT SELECT, INSERT, DELETE ON {table} TO {role}"))
+        conn.execute(text(f"GRANT {schema_grant} ON SCHEMA public TO {role}"))
+        conn.execute(text(f"GRANT {queue_grant} ON {table} TO {role}"))
         conn.execute(text(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {', '.join(own)} TO {role}"))
         conn.execute(text(f"GRANT USAGE ON SEQUENCE {table}_id_seq, {table}_runs_id_seq TO {role}"))
     try:
+        yield PG_URL.replace("postgres@", f"{role}@"), role
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP OWNED BY {role}"))
+            conn.execute(text(f"DROP ROLE {role}"))
+        admin.dispose()
+
+
+def test_a_postgresql_login_without_update_is_told_the_grant(queue_at):
+    # given a role that may read, insert and delete the queue rows but not update them
+    table = queue_at(PG_URL)
+    with pg_login(table, "CREATE, USAGE", "SELECT, INSERT, DELETE") as (url, role):
         # when it runs `ampsync check`
-        done = run_check(PG_URL.replace("postgres@", f"{role}@"), table)
+        done = run_check(url, table)
         # then it exits 1, and the one failed line names the GRANT to run
         assert done.returncode == 1, done.stdout + done.stderr
         failed = [line for line in lines(done) if line[0] == "FAILED"]
@@ -172,11 +187,25 @@ def test_a_postgresql_login_without_update_is_told_the_grant(queue_at):
         ], done.stdout
         # and everything else passed, in a scratch table it created and dropped again
         assert scratch_tables(PG_URL, table) == []
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP OWNED BY {role}"))
-            conn.execute(text(f"DROP ROLE {role}"))
-        admin.dispose()
+
+
+def test_the_workers_least_privilege_login_passes_with_the_statements_left_to_init(queue_at):
+    # given the workers' login of the README's Security section: rows and nothing else, no
+    # right to create tables
+    table = queue_at(PG_URL)
+    with pg_login(table, "USAGE", "SELECT, INSERT, UPDATE, DELETE") as (url, _role):
+        # when it runs `ampsync check`
+        done = run_check(url, table)
+        # then every permission it holds is ok and the check passes
+        assert done.returncode == 0, done.stdout + done.stderr
+        found = lines(done)
+        assert not [line for line in found if line[0] == "FAILED"], done.stdout
+        assert ("ok", f"permissions on public.{table}", "SELECT, INSERT, UPDATE, DELETE") in found
+        # and the statements, which need a scratch table, are skipped saying who runs them
+        skipped = [line for line in found if line[0] == "skipped"]
+        assert len(skipped) == len(check.STATEMENT_CHECKS), done.stdout
+        assert all("may not create tables" in detail for _, _, detail in skipped)
+        assert scratch_tables(PG_URL, table) == []
 
 
 def test_a_mariadb_login_without_update_is_told_the_grant(queue_at):

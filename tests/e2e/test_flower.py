@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,15 +15,9 @@ from pathlib import Path
 
 import pytest
 import requests
-from support import ROOT, event, identify, stop_process
+from support import ROOT, event, free_port, identify, stop_process
 
 AUTH = ("ops", "flower-test-pw")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(check: Callable[[], object], what: str, timeout: float = 30, log: Path | None = None):

@@ -122,4 +122,4 @@ def test_the_api_key_is_never_shown_in_a_settings_error(monkeypatch):
     monkeypatch.setenv("AMPSYNC_MAX_ATTEMPTS", "0")
     with pytest.raises(settings.SettingsError) as error:
         settings.load()
-    assert "AMPSYNC_MAX_ATTEMPTS" in str(error.value.code) and "xxx" not in str(error.value.code)
+    assert "AMPSYNC_MAX_ATTEMPTS" in str(error.value) and "xxx" not in str(error.value)

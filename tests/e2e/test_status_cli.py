@@ -20,11 +20,19 @@ from sqlalchemy.dialects import mssql
 from sqlalchemy.engine import make_url
 from sqlglot import exp
 from sqlglot.errors import ErrorLevel
-from support import MARIADB_URL, PG_URL, REDIS_URL, ROOT, Stack, event, identify, run_cli
+from support import (
+    MARIADB_URL,
+    PG_URL,
+    REDIS_URL,
+    ROOT,
+    Stack,
+    event,
+    identify,
+    run_cli,
+    settle_a_day_of_outcomes,
+)
 
 from tasks.db.setup import create_database_sql
-
-BAD_JSON = "{segment: gold"
 
 
 def ampsync(
@@ -66,39 +74,17 @@ def test_status_reports_rows_age_backoff_paused_endpoints_and_errors_with_passwo
     stack = make_stack(
         db_url,
         AMPSYNC_BACKOFF_BASE="300",
+        AMPSYNC_BACKOFF_BASE_5XX="300",
         AMPSYNC_BACKOFF_MAX="600",
+        AMPSYNC_BACKOFF_MAX_5XX="600",
         AMPSYNC_PAUSE_BASE="300",
         AMPSYNC_PAUSE_MAX="600",
         AMPSYNC_GROUP_IDENTIFY_API="groupidentify",
     )
     stack.start_worker()
-    # and rows that were delivered or failed: two identical broken JSONs, one placeholder id
-    stack.insert([identify(f"user-0000{n}", {"CRM_Segment": "gold"}) for n in range(3)])
-    stack.insert([{"kind": "identify", "user_id": "user-00009", "properties": BAD_JSON}] * 2)
-    stack.insert([event("null", "Order Picked Up")])
-    assert stack.drain() == {"sent": 3, "failed": 3}
-    # and Amplitude answering 500 to the next events request, and a gateway's HTML 400 page
-    # to group identify (a 400 about the request: the endpoint pauses)
-    stack.emulator.set_faults(
-        fail_next=[
-            {"path": "/batch", "code": 500},
-            {"path": "/groupidentify", "code": 400, "html": True},
-        ]
-    )
-    stack.insert(
-        [
-            event("user-00001", "Store Visit"),
-            event("user-00002", "Store Visit"),
-            {
-                "kind": "group_identify",
-                "group_type": "company",
-                "group_value": "Acme",
-                "properties": json.dumps({"plan": "enterprise"}),
-            },
-        ]
-    )
-    stack.sync()
-    wait_until(lambda: stack.counts().get("pending") == 3, "the failed requests to be acked")
+    # and rows that were delivered or failed, and failed requests: a 500 to events, an HTML
+    # 400 to group identify (that endpoint pauses)
+    settle_a_day_of_outcomes(stack)
 
     # when the operator asks for the status as JSON
     done = ampsync(stack, "status", "--json", env={"CELERY_BROKER_URL": broker_url})
@@ -166,11 +152,12 @@ def test_sync_wait_follows_the_rows_with_a_progress_bar_and_rows_per_second(make
     )
     # when the operator syncs and waits
     done = ampsync(stack, "sync", "--wait")
-    # then it prints the sync's summary, then a bar that ends full, with rows/s and outcomes
+    # then it prints the sync's summary (stdout), and a bar that ends full, with rows/s and
+    # outcomes (stderr)
     assert done.returncode == 0, done.stderr
-    summary = json.loads(done.stdout[: done.stdout.index("}\n") + 1])
+    summary = json.loads(done.stdout)
     assert summary["rows_claimed"] == 60
-    last = done.stdout.strip().splitlines()[-1]
+    last = done.stderr.strip().splitlines()[-1]
     assert re.fullmatch(BAR.format(n=60, sent=59, failed=1), last), last
     assert stack.counts() == {"sent": 59, "failed": 1}
 
@@ -186,7 +173,7 @@ def test_demo_draws_the_same_progress_bar_and_exits_0(tmp_path):
     done = run_cli("demo", "--users", "12", env=env, cwd=tmp_path)
     # then its progress ends full: 12 identifies, 4 orders, a group, 2 broken rows
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert re.search("^demo:  " + BAR.format(n=19, sent=17, failed=2) + "$", done.stdout, re.M)
+    assert re.search("^demo:  " + BAR.format(n=19, sent=17, failed=2) + "$", done.stderr, re.M)
 
 
 # --- JSON logs -----------------------------------------------------------------------------------

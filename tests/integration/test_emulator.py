@@ -1527,7 +1527,7 @@ def test_given_received_data_when_reset_endpoint_called_then_forgotten_but_fault
     amp.post_events(V2, [ev(0, user_properties={"a": 1})])
     amp.identify(gid(), path="/groupidentify")
     amp.emu.set_faults(latency_ms=1)
-    r = amp.s.post(amp.url + "/_emulator/reset", timeout=5)
+    r = amp.s.post(amp.url + "/_emulator/reset", json={}, timeout=5)
     assert r.status_code == 200
     state = amp.state()
     assert state["users"] == {} and state["groups"] == {} and state["events"] == []
@@ -1650,3 +1650,128 @@ def test_given_api_key_inside_an_event_when_stored_then_dropped_from_state(amp):
     state = amp.s.get(amp.url + "/_emulator/state", timeout=5).text
     assert "sk-inside-event-123" not in state
     assert amp.state()["events"] == [ev(0)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Control endpoints: this machine only, JSON only
+# ----------------------------------------------------------------------------------------------
+
+CONTROL_REQUESTS = [
+    pytest.param("GET", "/_emulator/state", id="read what it holds"),
+    pytest.param("GET", "/", id="the page"),
+    pytest.param("POST", "/_emulator/faults", id="change the faults"),
+    pytest.param("POST", "/_emulator/reset", id="forget what it holds"),
+]
+
+
+def _port(amp):
+    return amp.url.rsplit(":", 1)[1]
+
+
+def _held_and_faults(amp):
+    return amp.emu.snapshot(events=False)["counts"]["events_received"], amp.emu.faults
+
+
+@pytest.mark.parametrize(("method", "path"), CONTROL_REQUESTS)
+def test_given_a_host_name_that_is_not_this_machine_when_a_control_endpoint_is_asked_then_403_and_nothing_changes(
+    amp, method, path
+):
+    """DNS rebinding: a page's own host name resolves to 127.0.0.1, the browser sends it."""
+    amp.post_events(V2, [ev(0)])
+    before = _held_and_faults(amp)
+    r = amp.s.request(
+        method,
+        amp.url + path,
+        json={"down": True} if method == "POST" else None,
+        headers={"Host": f"attacker.example:{_port(amp)}"},
+        timeout=5,
+    )
+    assert r.status_code == 403
+    assert "this machine only" in r.json()["error"]
+    assert "user-0000" not in r.text  # nothing of what it holds
+    assert _held_and_faults(amp) == before
+
+
+@pytest.mark.parametrize("origin", ["http://attacker.example", "null", "https://10.0.0.5:8087"])
+@pytest.mark.parametrize(("method", "path"), CONTROL_REQUESTS)
+def test_given_a_cross_site_origin_when_a_control_endpoint_is_asked_then_403_and_nothing_changes(
+    amp, method, path, origin
+):
+    amp.post_events(V2, [ev(0)])
+    before = _held_and_faults(amp)
+    r = amp.s.request(
+        method,
+        amp.url + path,
+        json={"down": True} if method == "POST" else None,
+        headers={"Origin": origin},
+        timeout=5,
+    )
+    assert r.status_code == 403
+    assert "cross-site" in r.json()["error"]
+    assert _held_and_faults(amp) == before
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/x-www-form-urlencoded", b"down=true"),
+        ("text/plain", b'{"down": true}'),
+        ("multipart/form-data; boundary=x", b'--x\r\n\r\n{"down": true}\r\n--x--\r\n'),
+        (None, b""),
+    ],
+    ids=["form", "text/plain JSON", "multipart", "no body, no type"],
+)
+@pytest.mark.parametrize("path", ["/_emulator/faults", "/_emulator/reset"])
+def test_given_a_body_a_cross_site_form_can_send_when_posted_to_a_control_endpoint_then_415_and_nothing_changes(
+    amp, path, content_type, body
+):
+    """A cross-site page can post these types without a CORS preflight; JSON needs one."""
+    amp.post_events(V2, [ev(0)])
+    before = _held_and_faults(amp)
+    headers = {"Content-Type": content_type} if content_type else {}
+    r = amp.s.post(amp.url + path, data=body, headers=headers, timeout=5)
+    assert r.status_code == 415
+    assert "application/json" in r.json()["error"]
+    assert _held_and_faults(amp) == before
+
+
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1", "localhost", "127.0.0.2", "[::1]"], ids=lambda h: h.strip("[]")
+)
+def test_given_this_machine_as_host_and_origin_when_control_endpoints_are_used_then_they_work(
+    amp, host
+):
+    port = _port(amp)
+    headers = {"Host": f"{host}:{port}", "Origin": f"http://{host}:{port}"}
+    amp.post_events(V2, [ev(0)])
+    assert amp.s.get(amp.url + "/", headers=headers, timeout=5).status_code == 200
+    r = amp.s.post(amp.url + "/_emulator/faults", json={"down": True}, headers=headers, timeout=5)
+    assert r.status_code == 200 and r.json()["down"] is True
+    assert amp.emu.faults.down is True
+    r = amp.s.post(amp.url + "/_emulator/reset", json={}, headers=headers, timeout=5)
+    assert r.status_code == 200
+    assert amp.emu.snapshot(events=False)["counts"]["events_received"] == 0
+
+
+def test_given_a_reset_with_a_json_body_that_is_not_an_object_when_posted_then_400_and_nothing_is_forgotten(
+    amp,
+):
+    amp.post_events(V2, [ev(0)])
+    r = amp.post_raw("/_emulator/reset", b"[1]")
+    assert r.status_code == 400
+    assert amp.counts()["events_received"] == 1
+
+
+def test_given_the_service_name_as_host_when_an_api_path_is_called_then_it_answers_as_amplitude(
+    amp,
+):
+    """Workers reach the compose trial's emulator as http://emulator:8087: the API paths
+    answer whatever the Host, only the page and the control endpoints are this machine's."""
+    r = amp.s.post(
+        amp.url + BATCH,
+        json={"api_key": KEY, "events": [ev(0)]},
+        headers={"Host": f"emulator:{_port(amp)}"},
+        timeout=5,
+    )
+    assert r.status_code == 200
+    assert amp.counts()["events_received"] == 1

@@ -146,7 +146,7 @@ def test_an_acknowledgement_is_one_statement_per_outcome_not_per_row():
 
 def test_schema_qualified_names_keep_their_schema():
     sql = claim_sql(schema.define_tables("crm.amp_q"), "event", 5, 60)
-    assert "UPDATE c SET" in sql and "FROM crm.amp_q AS candidate" in sql
+    assert "UPDATE b SET" in sql and "FROM crm.amp_q AS candidate" in sql
 
 
 def test_init_db_print_sql_gives_a_dba_the_complete_tsql_when_the_server_is_out_of_reach(tmp_path):

@@ -156,7 +156,9 @@ def check_rules(sql: str) -> None:
 
 CLAIM = (
     "WITH (ROWLOCK, UPDLOCK, READPAST)",
-    "UPDATE c SET",
+    "sum(c.stored_bytes) OVER (ORDER BY c.id ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)",
+    "UPDATE b SET",
+    "WHERE bytes_before < CAST(20000000 AS BIGINT)",
     "OUTPUT inserted.id INTO @ids",
     "DATEADD(second, 3000, SYSUTCDATETIME())",
     "SELECT id FROM @ids",
@@ -274,7 +276,21 @@ CASES: dict[str, tuple[str, ...]] = {
     "status: commonest errors (2/2)": ("SELECT TOP 5",),
     "status: users near the update limit": ("DATEADD(second, -3600, SYSUTCDATETIME())",),
     "status: failed rows": ("status = 'failed'",),
+    "retry-failed: failed rows by class": (
+        "status = 'failed'",
+        "LIKE N'gave up after%'",
+        "IN (CAST(3000000001 AS BIGINT))",
+    ),
     "status: database time": ("SYSUTCDATETIME()",),
+    "metrics: oldest pending row of each kind (1/2)": ("SELECT SYSUTCDATETIME()",),
+    "metrics: oldest pending row of each kind (2/2)": (
+        "status = 'pending' GROUP BY dbo.amplitude_queue.kind",
+    ),
+    "metrics: batches finished since (1/2)": ("SELECT SYSUTCDATETIME()",),
+    "metrics: batches finished since (2/2)": (
+        "finished_at >= '2026-11-28 09:00:00.123'",
+        "task = 'batch'",
+    ),
     **feed_cases(
         "pickups",
         "event",
@@ -461,7 +477,9 @@ def test_point_4_the_claim_is_one_locked_table_reference_updated_through_a_cte()
         assert claim.rows == 1
         assert re.search(r"WITH c AS \(\nSELECT TOP 2000 candidate\.id", sql)
         assert "FROM dbo.amplitude_queue AS candidate WITH (ROWLOCK, UPDLOCK, READPAST)" in sql
-        assert "UPDATE c SET status = 'in_flight'" in sql
+        # through the CTE that keeps the locked rows within the byte budget (issue 15)
+        assert "UPDATE b SET status = 'in_flight'" in sql
+        assert re.search(r"\),\nb AS \(\nSELECT c\.id, .*\sFROM c\n\)", sql, re.S)
         assert "UPDATE dbo.amplitude_queue" not in sql  # no second, unhinted reference
         check_rules(sql)
 
@@ -542,10 +560,10 @@ def test_point_12_sql_server_through_pyodbc_is_refused_at_settings_validation(mo
     from tasks import settings
 
     monkeypatch.setenv("AMPSYNC_DATABASE_URL", "mssql+pyodbc://sa:pw@dwh/crm?driver=ODBC+Driver+18")
-    with pytest.raises(SystemExit) as refused:
+    with pytest.raises(settings.SettingsError) as refused:
         settings.load()
-    assert "mssql+pymssql://" in str(refused.value.code)
-    assert len(str(refused.value.code).splitlines()) == 1
+    assert "mssql+pymssql://" in str(refused.value)
+    assert len(str(refused.value).splitlines()) == 1
 
 
 def test_point_13_a_query_sql_server_refuses_wrapped_fails_first_saying_what_to_change():

@@ -5,11 +5,12 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from sqlalchemy import select, update
-from support import MARIADB_URL, PG_URL, event, identify
+from support import BACKENDS, event, identify
 
 from tasks import outcomes
 from tasks.db import engine as db_engine
@@ -158,27 +159,36 @@ def test_a_claim_that_raced_past_an_earlier_row_gives_its_row_back(db):
     assert tuple(row) == ("pending", 0)
 
 
-@pytest.mark.parametrize("url", [PG_URL, MARIADB_URL], ids=["postgresql", "mariadb"])
-def test_concurrent_claims_never_take_the_same_row(url):
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_concurrent_claims_never_take_the_same_row(backend, tmp_path):
+    url = BACKENDS[backend] or f"sqlite:///{tmp_path / 'queue.db'}"
     tables = schema.define_tables(f"tq_{uuid.uuid4().hex[:8]}")
     engine = db_engine.make_engine(url, pool_size=8)
     setup.init_db(engine, tables)
     try:
+        # given 2000 due rows
         _insert(engine, tables, [event(f"user-{n:05d}", "Viewed") for n in range(2000)])
         barrier = threading.Barrier(6)
 
         def claimer(_):
             barrier.wait()
-            tokens = []
+            claims = []
             with engine.connect() as conn:
                 while (claim := queue.claim(conn, tables, "event", 50, 60)).rows:
-                    tokens.append(claim.token)
-            return tokens
+                    claims.append(claim)
+            return claims
 
+        # when six claimers race until nothing is left
         with ThreadPoolExecutor(6) as pool:
-            tokens = [t for ts in pool.map(claimer, range(6)) for t in ts]
-        claimed = [i for t in tokens for i in _claimed_ids(engine, tables, t)]
-        assert len(claimed) == 2000 and len(set(claimed)) == 2000
+            claims = [c for cs in pool.map(claimer, range(6)) for c in cs]
+        # then the claims together took each row once: a row taken by two claims would be
+        # counted by both (its token only shows the second) and carry two attempts
+        q = tables.queue
+        with engine.connect() as conn:
+            attempts = dict(conn.execute(select(q.c.id, q.c.attempts)).all())
+        assert sum(c.rows for c in claims) == 2000
+        assert set(attempts.values()) == {1}, Counter(attempts.values())
+        assert len({c.token for c in claims}) == len(claims)
     finally:
         with engine.begin() as conn:
             for table in reversed(tables.metadata.sorted_tables):

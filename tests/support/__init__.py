@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -21,7 +22,19 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-REDIS_URL = os.environ.get("AMPSYNC_TEST_REDIS", "redis://127.0.0.1:6379/7")
+
+def _redis_url() -> str:
+    """The tests' Redis database; each pytest-xdist worker (gw0, gw1, …) gets the next one up,
+    so one worker's Celery workers never consume another's tasks."""
+    base = os.environ.get("AMPSYNC_TEST_REDIS", "redis://127.0.0.1:6379/7")
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        return base
+    head, _, db = base.rpartition("/")
+    return f"{head}/{(int(db or 0) + int(worker[2:])) % 16}"
+
+
+REDIS_URL = _redis_url()
 PG_URL = os.environ.get("AMPSYNC_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MARIADB_URL = os.environ.get("AMPSYNC_TEST_MARIADB", "mysql+pymysql://root@127.0.0.1:3306/test")
 API_KEY = "test-api-key-123456"
@@ -322,3 +335,58 @@ def group(group_type: str, value: str, props: dict) -> dict:
         "group_value": value,
         "properties": json.dumps(props),
     }
+
+
+BAD_JSON = "{segment: gold"
+
+
+def settle_a_day_of_outcomes(stack: Stack) -> None:
+    """Rows of every outcome, as `status` and the metrics report them: three identifies sent,
+    two identical broken JSONs and one placeholder id failed, then Amplitude answering 500 to
+    the next events request and a gateway's HTML 400 page to group identify (a 400 about the
+    request: that endpoint pauses), so three rows wait pending. Needs a running worker."""
+    stack.insert([identify(f"user-0000{n}", {"CRM_Segment": "gold"}) for n in range(3)])
+    stack.insert([{"kind": "identify", "user_id": "user-00009", "properties": BAD_JSON}] * 2)
+    stack.insert([event("null", "Order Picked Up")])
+    assert stack.drain() == {"sent": 3, "failed": 3}
+    stack.emulator.set_faults(
+        fail_next=[
+            {"path": "/batch", "code": 500},
+            {"path": "/groupidentify", "code": 400, "html": True},
+        ]
+    )
+    stack.insert(
+        [
+            event("user-00001", "Store Visit"),
+            event("user-00002", "Store Visit"),
+            {
+                "kind": "group_identify",
+                "group_type": "company",
+                "group_value": "Acme",
+                "properties": json.dumps({"plan": "enterprise"}),
+            },
+        ]
+    )
+    stack.sync()
+    assert poll_until(lambda: stack.counts().get("pending") == 3), stack.counts()
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a server the test starts."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_ampsync_run(cwd: Path, env: dict[str, str], concurrency: int = 1) -> subprocess.Popen:
+    """`ampsync run` as a user starts it in `cwd`, in a session of its own (so the test can
+    signal the whole group), its output in cwd/run.log."""
+    with (cwd / "run.log").open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tasks.cli", "run", "--concurrency", str(concurrency)],
+            env=env,
+            cwd=cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )

@@ -25,6 +25,8 @@ THROTTLE_BATCH = 7.0
 DAILY_QUOTA = 3600.0
 BACKOFF_BASE = 2.0
 BACKOFF_MAX = 100.0
+BACKOFF_MAX_5XX = 30.0
+BACKOFF_BASE_5XX = 0.5
 MAX_ATTEMPTS = 10
 
 
@@ -37,6 +39,8 @@ def settings(batch_size: int | None = None) -> Settings:
         AMPSYNC_MAX_ATTEMPTS=MAX_ATTEMPTS,
         AMPSYNC_BACKOFF_BASE=BACKOFF_BASE,
         AMPSYNC_BACKOFF_MAX=BACKOFF_MAX,
+        AMPSYNC_BACKOFF_MAX_5XX=BACKOFF_MAX_5XX,
+        AMPSYNC_BACKOFF_BASE_5XX=BACKOFF_BASE_5XX,
         AMPSYNC_THROTTLE_WAIT_V2=THROTTLE_V2,
         AMPSYNC_THROTTLE_WAIT_BATCH=THROTTLE_BATCH,
         AMPSYNC_DAILY_QUOTA_WAIT=DAILY_QUOTA,
@@ -100,6 +104,7 @@ class Run:
     ack: Acknowledgement
     result: SendResult
     requests: list[list[int]]  # the row ids of each request, in the order sent
+    throttled_keys: set[str]  # users and devices other batches are told to hold back
 
 
 def drive(
@@ -132,7 +137,7 @@ def drive(
     delivery.finish()
     if queued is not None:
         assert queued == [], "answers left unused"
-    return Run(ack, result, sent)
+    return Run(ack, result, sent, delivery.throttled_keys)
 
 
 def retried(ack: Acknowledgement) -> dict[int, tuple[float, bool, str]]:
@@ -610,6 +615,23 @@ def test_given_a_429_naming_nobody_when_delivering_then_the_request_waits_and_la
     )
 
 
+def test_given_a_429_naming_nobody_when_delivering_then_its_users_are_not_held_in_other_batches():
+    # A 429 for the whole request is the project's limit (the shared rate is cut instead):
+    # its rows wait, but the users are not throttled ones that other batches must hold.
+    items = [item(1, user="alice-1"), item(2, user="bob-22"), item(3, user="alice-1")]
+    run = drive(items, [throttled()], batch_size=2)
+    assert run.requests == [[1, 2]]
+    assert set(retried(run.ack)) == {1, 2, 3}  # within the batch, alice's later row still waits
+    assert run.throttled_keys == set()
+
+
+def test_given_a_429_naming_a_few_users_when_delivering_then_other_batches_hold_exactly_them():
+    items = [item(1, user="alice-1"), item(2, user="bob-22"), item(3, user="carol-3")]
+    run = drive(items, [throttled(throttled_users={"alice-1": 40}), OK])
+    assert run.throttled_keys == {"alice-1"}
+    assert run.ack.sent == [2, 3]
+
+
 def test_given_a_user_over_the_daily_quota_when_delivering_then_their_row_retries_after_the_quota_wait():
     items = [item(1, user="alice-1"), item(2, user="bob-22"), item(3, user="alice-1")]
     run = drive(items, [throttled(exceeded_daily_quota_users={"alice-1": 1}), OK], batch_size=2)
@@ -628,21 +650,26 @@ def test_given_a_user_over_the_daily_quota_when_delivering_then_their_row_retrie
 # --- transient failures ------------------------------------------------------------------------
 
 
-def top(attempts: int) -> float:
-    return min(BACKOFF_MAX, BACKOFF_BASE * 2 ** max(0, attempts - 1))
+def top(attempts: int, ceiling: float = BACKOFF_MAX, base: float = BACKOFF_BASE) -> float:
+    return min(ceiling, base * 2 ** max(0, attempts - 1))
 
 
 @pytest.mark.parametrize(
-    ("failure", "label"),
+    ("failure", "label", "base", "ceiling"),
     [
-        (SERVER_ERROR, "HTTP 500: boom"),
-        (NO_ANSWER, NO_ANSWER.text),
-        (Answer(200, None, "<html>ok</html>"), "HTTP 200 with a non-JSON body: <html>ok</html>"),
+        (SERVER_ERROR, "HTTP 500: boom", BACKOFF_BASE_5XX, BACKOFF_MAX_5XX),
+        (NO_ANSWER, NO_ANSWER.text, BACKOFF_BASE, BACKOFF_MAX),
+        (
+            Answer(200, None, "<html>ok</html>"),
+            "HTTP 200 with a non-JSON body: <html>ok</html>",
+            BACKOFF_BASE,
+            BACKOFF_MAX,
+        ),
     ],
     ids=["500", "no answer", "2xx page from a proxy"],
 )
 def test_given_a_transient_failure_when_delivering_then_rows_retry_by_attempts_and_the_rest_waits(
-    failure, label
+    failure, label, base, ceiling
 ):
     # Request [1, 2, 3] fails; rows 4 and 5 are never sent.
     attempts = {1: 1, 2: 4, 3: MAX_ATTEMPTS, 4: 2, 5: MAX_ATTEMPTS + 3}
@@ -657,7 +684,7 @@ def test_given_a_transient_failure_when_delivering_then_rows_retry_by_attempts_a
     for row_id in (1, 2):
         delay, refund, reason = r[row_id]
         n = attempts[row_id]
-        assert 0.5 * top(n) <= delay <= top(n)
+        assert 0.5 * top(n, ceiling, base) <= delay <= top(n, ceiling, base)
         assert refund is False
         assert reason == f"{RETRYING} attempt {n}: {label}"
     for row_id in (4, 5):  # never sent: their attempt is given back, whatever they had
@@ -670,15 +697,37 @@ def test_given_a_transient_failure_when_delivering_then_rows_retry_by_attempts_a
 
 
 @pytest.mark.parametrize(
-    ("attempts", "low", "high"),
-    [(1, 1.0, 2.0), (3, 4.0, 8.0), (6, 32.0, 64.0), (7, 50.0, 100.0), (9, 50.0, 100.0)],
-    ids=["first", "third", "sixth", "seventh: capped", "last before giving up: capped"],
+    ("failure", "attempts", "low", "high"),
+    [
+        (SERVER_ERROR, 1, 0.25, 0.5),
+        (SERVER_ERROR, 3, 1.0, 2.0),
+        (SERVER_ERROR, 5, 4.0, 8.0),
+        (SERVER_ERROR, 7, 15.0, 30.0),
+        (SERVER_ERROR, 9, 15.0, 30.0),
+        (Answer(503, {"code": 503}, "down"), 9, 15.0, 30.0),
+        (Answer(408, None, "timeout"), 9, 15.0, 30.0),
+        (NO_ANSWER, 3, 4.0, 8.0),
+        (NO_ANSWER, 6, 32.0, 64.0),
+        (NO_ANSWER, 9, 50.0, 100.0),
+    ],
+    ids=[
+        "500 first: half a second",
+        "500 third",
+        "500 fifth",
+        "500 seventh: capped at the 5xx cap",
+        "500 last before giving up: still tens of seconds",
+        "503: the 5xx cap",
+        "408: the 5xx cap",
+        "no answer third",
+        "no answer sixth: above the 5xx cap",
+        "no answer last: the general cap",
+    ],
 )
-def test_given_a_500_when_a_row_retries_then_its_delay_is_the_backoff_of_its_attempts(
-    attempts, low, high
+def test_given_a_transient_failure_when_a_row_retries_then_its_delay_is_the_backoff_of_its_attempts_and_class(
+    failure, attempts, low, high
 ):
     assert attempts < MAX_ATTEMPTS
-    run = drive([item(1)], [SERVER_ERROR], rows=[row(1, attempts)])
+    run = drive([item(1)], [failure], rows=[row(1, attempts)])
     ((delay, refund, _),) = run.ack.retry
     assert low <= delay <= high
     assert refund is False

@@ -340,7 +340,8 @@ def test_given_a_valid_event_row_when_prepared_then_its_columns_fill_the_event(v
 
 
 def test_given_a_loaded_row_with_extra_columns_when_prepared_then_only_the_row_columns_are_read():
-    loaded = (*(getattr(make_row(4), name) for name in ROW_COLUMNS), True)  # + `short` column
+    # the load's own `oversized` (None: properties and extra were loaded), then `short`
+    loaded = (*(getattr(make_row(4), name) for name in ROW_COLUMNS), None, True)
     prepared = builder().prepare([loaded])
     assert prepared.invalid == {}
     assert [i.row_id for i in prepared.items] == [4]

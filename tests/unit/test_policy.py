@@ -89,33 +89,29 @@ def test_given_real_randomness_when_backing_off_then_every_wait_lies_in_half_to_
 @pytest.mark.parametrize(
     ("failures", "after", "base", "ceiling", "expected"),
     [
-        (0, 3, 30.0, 600.0, 0.0),
-        (1, 3, 30.0, 600.0, 0.0),
-        (2, 3, 30.0, 600.0, 0.0),
-        (3, 3, 30.0, 600.0, 30.0),
-        (4, 3, 30.0, 600.0, 60.0),
-        (5, 3, 30.0, 600.0, 120.0),
-        (7, 3, 30.0, 600.0, 480.0),
-        (8, 3, 30.0, 600.0, 600.0),  # 960 capped
-        (50, 3, 30.0, 600.0, 600.0),
+        (1, 5, 30.0, 600.0, 30.0),
+        (5, 5, 30.0, 600.0, 30.0),
+        (6, 5, 30.0, 600.0, 60.0),
+        (7, 5, 30.0, 600.0, 120.0),
+        (9, 5, 30.0, 600.0, 480.0),
+        (10, 5, 30.0, 600.0, 600.0),  # 960 capped
+        (50, 5, 30.0, 600.0, 600.0),
         (1, 1, 5.0, 100.0, 5.0),
         (3, 1, 5.0, 100.0, 20.0),
     ],
     ids=[
-        "no failure",
-        "one below threshold",
-        "just below threshold",
+        "paused by the window with few failures in a row: base",
         "at threshold: base",
-        "one over: doubled",
+        "one over (a failed probe): doubled",
         "two over: quadrupled",
         "four over: x16",
         "five over: capped",
         "far over: capped",
-        "threshold one: first failure pauses",
+        "threshold one: first failure base",
         "threshold one: third failure x4",
     ],
 )
-def test_given_failures_in_a_row_when_pausing_then_nothing_below_threshold_then_base_doubling_capped(
+def test_given_failures_in_a_row_when_pausing_then_base_up_to_threshold_then_doubling_capped(
     failures, after, base, ceiling, expected
 ):
     assert policy.pause_seconds(failures, after, base, ceiling) == pytest.approx(expected)

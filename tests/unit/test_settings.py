@@ -60,7 +60,7 @@ def test_given_a_server_url_with_a_path_when_loaded_then_the_process_stops_with_
     monkeypatch.setenv("AMPLITUDE_SERVER_URL", "http://127.0.0.1:1/x")
     with pytest.raises(settings.SettingsError) as error:
         settings.load()
-    message = str(error.value.code)
+    message = str(error.value)
     assert message == f"ampsync: AMPLITUDE_SERVER_URL='http://127.0.0.1:1/x': {NO_PATH}"
     assert "\n" not in message
 

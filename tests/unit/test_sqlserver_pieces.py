@@ -264,7 +264,7 @@ def test_sql_server_through_pyodbc_is_refused_with_one_line(monkeypatch):
     monkeypatch.setenv("AMPSYNC_DATABASE_URL", "mssql+pyodbc://sa:Secret1@dwh/crm?driver=x")
     with pytest.raises(settings.SettingsError) as raised:
         settings.load()
-    message = str(raised.value.code)
+    message = str(raised.value)
     assert "\n" not in message and "mssql+pymssql://" in message and "Secret1" not in message
 
 
