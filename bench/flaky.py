@@ -26,18 +26,6 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH.parent), str(BENCH), str(BENCH.parent / "tests")]
 
-# The production defaults: the target is about what a user runs.
-DEFAULTS = {
-    "AMPSYNC_BACKOFF_BASE": "2",
-    "AMPSYNC_BACKOFF_MAX": "1800",
-    "AMPSYNC_BACKOFF_MAX_5XX": "30",
-    "AMPSYNC_PAUSE_BASE": "30",
-    "AMPSYNC_PAUSE_MAX": "600",
-    "AMPSYNC_PAUSE_AFTER_FAILURES": "5",
-    "AMPSYNC_PAUSE_FAILURE_RATIO": "0.8",
-    "AMPSYNC_LEASE_SECONDS": "300",
-}
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -61,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["AMPSYNC_TEST_REDIS"] = args.redis_url
     import harness
     import support
-    from support.reliability import Workload, audit
+    from support.reliability import Workload, audit, production_delivery
 
     from ampsync_emulator import Emulator
 
@@ -79,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                 support.flush_redis()
                 emulator.reset()
                 emulator.set_faults(**support.DEFAULT_FAULTS)
-                env = {**DEFAULTS, "AMPSYNC_BATCH_SIZE": str(args.batch_size)}
+                # the settings a user runs with: the target is about them
+                env = {**production_delivery(), "AMPSYNC_BATCH_SIZE": str(args.batch_size)}
                 if args.code:
                     env["PYTHONPATH"] = str(support.ROOT)
                 stack = support.new_stack((emulator, url), support.PG_URL, env)

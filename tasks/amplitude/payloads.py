@@ -124,6 +124,7 @@ class Builder:
         self, endpoint: str, min_id_length: int, max_future_seconds: int, now: datetime
     ) -> None:
         self.endpoint = endpoint
+        self.row_limit = row_limit(endpoint)
         self.min_id_length = min_id_length
         self.max_future_ms = epoch_ms(now) + max_future_seconds * 1000
         self.cuts = 0
@@ -158,7 +159,7 @@ class Builder:
             raise RowError(self._too_large(f"properties and extra are {row.oversized:,} bytes"))
         payload = self.payload(row)
         blob = _dumps(payload, row)
-        if len(blob) > row_limit(self.endpoint):
+        if len(blob) > self.row_limit:
             raise RowError(self._too_large(f"the row is {len(blob):,} bytes as JSON"))
         if row.kind == "identify":
             key = row.user_id or f"@device:{row.device_id}"
@@ -187,7 +188,7 @@ class Builder:
             if name in payload:
                 merged[name] = payload[name]
         blob = orjson.dumps(merged)
-        if len(blob) > row_limit(self.endpoint):
+        if len(blob) > self.row_limit:
             return None
         item = items[index]
         fresh = self._prepared(row, merged, blob)
@@ -219,16 +220,20 @@ class Builder:
     def payload(self, row: Row) -> dict[str, Any]:
         if row.kind not in ("identify", "event", "group_identify"):
             raise RowError(f"kind {row.kind!r} is not one of identify, event, group_identify")
-        for column in ("event_time", "created_at"):
-            value = getattr(row, column)
-            # Any text fits a SQLite time column and MariaDB hands a zero date over as text;
-            # the load passes on what it cannot parse as stored. Exact type: every driver
-            # returns datetime itself, and this runs for every row.
-            if value is not None and type(value) is not datetime:
-                raise RowError(
-                    f"{column} {_shown(value)} is not a date and time: write a UTC time such "
-                    "as '2024-05-01 12:30:00' (SYSUTCDATETIME())"
-                )
+        # Any text fits a SQLite time column and MariaDB hands a zero date over as text; the
+        # load passes on what it cannot parse as stored. Exact types, no loop: every driver
+        # returns datetime itself, and this runs for every row.
+        et, ca = row.event_time, row.created_at
+        if (et is not None and type(et) is not datetime) or (
+            ca is not None and type(ca) is not datetime
+        ):
+            column, value = (
+                ("event_time", et) if type(et) not in (datetime, type(None)) else ("created_at", ca)
+            )
+            raise RowError(
+                f"{column} {_shown(value)} is not a date and time: write a UTC time such as "
+                "'2024-05-01 12:30:00' (SYSUTCDATETIME())"
+            )
         props = _json_object(row.properties, "properties")
         extra = _json_object(row.extra, "extra")
         clash = sorted(COLUMN_FIELDS.intersection(extra))

@@ -102,12 +102,7 @@ def record_beat_tick(client: redis.Redis, entry: str) -> None:
 def beat_state(client: redis.Redis) -> dict[str, Any] | None:
     """Beat's last tick: host, pid, the entry it dispatched, and `age` in seconds; None when
     no beat ever ticked on this broker."""
-    raw = client.get(BEAT_KEY)
-    if raw is None:
-        return None
-    info = json.loads(raw)
-    info["age"] = max(0.0, server_time(client) - float(info["at"]))
-    return dict(info)
+    return _aged(client, BEAT_KEY)
 
 
 class Heartbeat:
@@ -194,7 +189,12 @@ def record_sync(client: redis.Redis, summary: dict[str, Any]) -> None:
 
 
 def last_sync(client: redis.Redis) -> dict[str, Any] | None:
-    raw = client.get(SYNC_KEY)
+    return _aged(client, SYNC_KEY)
+
+
+def _aged(client: redis.Redis, key: str) -> dict[str, Any] | None:
+    """The record at `key` with its `age` in seconds by Redis's clock; None when absent."""
+    raw = client.get(key)
     if raw is None:
         return None
     info = json.loads(raw)

@@ -9,7 +9,13 @@ from __future__ import annotations
 import time
 
 import pytest
-from support.reliability import Workload, assert_exactly_once, audit, report
+from support.reliability import (
+    Workload,
+    assert_exactly_once,
+    audit,
+    production_delivery,
+    report,
+)
 
 from tasks.broker import redis_client
 from tasks.db import endpoints
@@ -18,17 +24,8 @@ from tasks.delivery.shared import RateLimiter
 pytestmark = pytest.mark.reliability
 
 ROWS = 800  # half identify rows ($add, $append: a double application shows), half events
-# The defaults a user runs with, not the tests' fast clocks: the target is about them.
-DEFAULTS = {
-    "AMPSYNC_BACKOFF_BASE": "2",
-    "AMPSYNC_BACKOFF_MAX": "1800",
-    "AMPSYNC_BACKOFF_MAX_5XX": "30",
-    "AMPSYNC_PAUSE_BASE": "30",
-    "AMPSYNC_PAUSE_MAX": "600",
-    "AMPSYNC_PAUSE_AFTER_FAILURES": "5",
-    "AMPSYNC_PAUSE_FAILURE_RATIO": "0.8",
-    "AMPSYNC_BATCH_SIZE": "50",
-}
+# The settings a user runs with, not the tests' fast clocks: the target is about them.
+DEFAULTS = {**production_delivery(), "AMPSYNC_BATCH_SIZE": "50"}
 
 
 def timed_drain(make_stack, **faults) -> tuple[float, object, Workload, dict]:

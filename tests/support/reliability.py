@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasks.broker import redis_client
+from tasks.settings import Settings
 from tasks.worker.app import SEND_QUEUE
 
 from . import BACKENDS, REDIS_URL, Stack, event, identify
@@ -27,6 +28,16 @@ def backend_url(backend: str, tmp_path: Path) -> str:
 
 
 # --- a workload whose delivery can be audited exactly ------------------------------------------
+
+
+def production_delivery() -> dict[str, str]:
+    """The backoff, pause and lease settings a user runs with (Settings' defaults), to put in
+    place of the tests' fast clocks where a target is about what users get."""
+    return {
+        f.alias: str(f.default)
+        for f in Settings.model_fields.values()
+        if f.alias and f.alias.startswith(("AMPSYNC_BACKOFF_", "AMPSYNC_PAUSE_", "AMPSYNC_LEASE_"))
+    }
 
 
 @dataclass
