@@ -104,8 +104,8 @@ class Settings(BaseSettings):
     # Amplitude broken: base and backoff_max. Where both apply, the lower one holds.
     backoff_base_seconds: float = Field(2.0, ge=0, alias="AMPSYNC_BACKOFF_BASE")
     # Amplitude's own SDKs retry a 5xx after 100 ms (docs/amplitude.md, "5xx and timeouts");
-    # half a second took 100k flaky events from 0.58 to 0.69 of the clean rate (bench/README.md,
-    # "Flaky Amplitude (issue 13)").
+    # half a second took 100k flaky events from 0.51 to 0.68 of the clean rate, in one
+    # invocation (bench/README.md, "Flaky Amplitude (issue 13)").
     backoff_base_5xx_seconds: float = Field(0.5, ge=0, alias="AMPSYNC_BACKOFF_BASE_5XX")
     backoff_max_seconds: float = Field(1800.0, ge=0, alias="AMPSYNC_BACKOFF_MAX")
     backoff_max_5xx_seconds: float = Field(30.0, ge=0, alias="AMPSYNC_BACKOFF_MAX_5XX")
