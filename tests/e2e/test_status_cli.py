@@ -28,6 +28,7 @@ from support import (
     Stack,
     event,
     identify,
+    poll_until,
     run_cli,
     settle_a_day_of_outcomes,
 )
@@ -44,21 +45,7 @@ def ampsync(
 ) -> subprocess.CompletedProcess:
     """`ampsync …` in a subprocess with the stack's settings, as an operator types it."""
     full_env = {**os.environ, **(stack.env if stack else {}), **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "tasks.cli", *args],
-        env=full_env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def wait_until(check, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.2)
+    return run_cli(*args, env=full_env, cwd=cwd, timeout=timeout)
 
 
 # --- status --------------------------------------------------------------------------------------
@@ -213,12 +200,16 @@ def test_a_worker_asked_for_json_logs_writes_one_json_object_per_line(make_stack
             start_new_session=True,
         )
         stack.workers.append(proc)
-        wait_until(lambda: " ready." in log.read_text(), "the worker to be ready")
+        assert poll_until(lambda: " ready." in log.read_text(), timeout=30), (
+            "the worker to be ready"
+        )
     # when it delivers rows (the `run` worker's beat starts the syncs by itself)
     stack.insert([identify("user-00001", {"CRM_Segment": "gold"}), event("null", "Visit")])
     if how == "AMPSYNC_LOG_FORMAT=json":
         stack.sync()
-    wait_until(lambda: stack.counts() == {"sent": 1, "failed": 1}, "the rows to be delivered")
+    assert poll_until(lambda: stack.counts() == {"sent": 1, "failed": 1}, timeout=30), (
+        stack.counts()
+    )
     time.sleep(0.5)  # the batch's log line follows its acknowledgement
     # then every line it wrote is a JSON object with time, level, logger and message
     records = _json_lines(log)
