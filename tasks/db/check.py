@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, func, inspect, select, text, update
+from sqlalchemy import Connection, Engine, delete, inspect, select, text, update
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
@@ -546,13 +546,8 @@ class _Scratch:
 
     def insert(self, rows: list[dict[str, Any]]) -> list[int]:
         """Insert rows as a user's SQL would; their ids in order."""
-        q = self.tables.queue
         with self.engine.begin() as conn:
-            before = conn.execute(select(func.coalesce(func.max(q.c.id), 0))).scalar_one()
-            queue.insert_rows(conn, self.tables, rows)
-            return list(
-                conn.execute(select(q.c.id).where(q.c.id > before).order_by(q.c.id)).scalars()
-            )
+            return queue.insert_rows_ids(conn, self.tables, rows)
 
     def rows(self, ids: list[int] | None = None) -> dict[int, dict[str, Any]]:
         q = self.tables.queue

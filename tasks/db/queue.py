@@ -768,6 +768,17 @@ def insert_rows(conn: Connection, tables: QueueTables, rows: Sequence[dict[str, 
     conn.execute(tables.queue.insert().inline(), [{c: row.get(c) for c in columns} for row in rows])
 
 
+def insert_rows_ids(
+    conn: Connection, tables: QueueTables, rows: Sequence[dict[str, Any]]
+) -> list[int]:
+    """`insert_rows`, then the new rows' ids in order: those above the highest id before
+    (no other writer, as in `ampsync check`'s scratch table and the tests' tables)."""
+    q = tables.queue
+    before = conn.execute(select(func.coalesce(func.max(q.c.id), 0))).scalar_one()
+    insert_rows(conn, tables, rows)
+    return list(conn.execute(select(q.c.id).where(q.c.id > before).order_by(q.c.id)).scalars())
+
+
 # --- operator statements -----------------------------------------------------------------------
 
 

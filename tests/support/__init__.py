@@ -119,13 +119,8 @@ class Stack:
 
     # --- rows --------------------------------------------------------------------------------
     def insert(self, rows: list[dict]) -> list[int]:
-        q = self.tables.queue
         with self.engine.begin() as conn:
-            before = conn.execute(select(func.coalesce(func.max(q.c.id), 0))).scalar_one()
-            queue.insert_rows(conn, self.tables, rows)
-            return list(
-                conn.execute(select(q.c.id).where(q.c.id > before).order_by(q.c.id)).scalars()
-            )
+            return queue.insert_rows_ids(conn, self.tables, rows)
 
     def rows(self, *ids: int) -> dict[int, dict]:
         q = self.tables.queue
